@@ -1,0 +1,102 @@
+"""Communication measured on the records that were actually sent and received."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from flwr.app import RecordDict
+
+from fedapp.records import content_size
+
+Direction = Literal["down", "up"]
+_FIELDS = ("down_params", "down_bytes", "up_params", "up_bytes")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One message's array payload: values and bytes of every ArrayRecord it held."""
+
+    server_round: int
+    node_id: int
+    direction: Direction
+    message_type: str
+    params: int
+    bytes: int
+
+
+class CommLedger:
+    """Every transfer of a run, with per-round, per-client and cumulative totals."""
+
+    def __init__(self) -> None:
+        self.transfers: list[Transfer] = []
+
+    def add(self, server_round: int, node_id: int, direction: Direction, message_type: str,
+            content: RecordDict | None) -> Transfer:
+        params, nbytes = content_size(content) if content is not None else (0, 0)
+        transfer = Transfer(server_round, node_id, direction, message_type, params, nbytes)
+        self.transfers.append(transfer)
+        return transfer
+
+    @staticmethod
+    def _empty() -> dict[str, int]:
+        return dict.fromkeys(_FIELDS, 0)
+
+    def _sum(self, keep: list[Transfer]) -> dict[str, int]:
+        out = self._empty()
+        for t in keep:
+            out[f"{t.direction}_params"] += t.params
+            out[f"{t.direction}_bytes"] += t.bytes
+        return out
+
+    def totals(self, server_round: int | None = None, upto: int | None = None,
+               message_type: str | None = None) -> dict[str, int]:
+        """Sum for one round, or for rounds <= ``upto``; optionally one message type."""
+        keep = [
+            t for t in self.transfers
+            if (server_round is None or t.server_round == server_round)
+            and (upto is None or t.server_round <= upto)
+            and (message_type is None or t.message_type == message_type)
+        ]
+        return self._sum(keep)
+
+    def per_client(self, server_round: int) -> dict[int, dict[str, int]]:
+        groups: dict[int, list[Transfer]] = defaultdict(list)
+        for t in self.transfers:
+            if t.server_round == server_round:
+                groups[t.node_id].append(t)
+        return {node: self._sum(ts) for node, ts in sorted(groups.items())}
+
+    def message_types(self) -> list[str]:
+        return sorted({t.message_type for t in self.transfers})
+
+    def round_summary(self, server_round: int) -> dict[str, object]:
+        """What a metrics row records: this round and cumulative, per message type."""
+        return {
+            mtype: {
+                "round": self.totals(server_round, message_type=mtype),
+                "cumulative": self.totals(upto=server_round, message_type=mtype),
+            }
+            for mtype in self.message_types()
+        } | {"per_client": {str(k): v for k, v in self.per_client(server_round).items()}}
+
+    def rows(self) -> list[dict[str, object]]:
+        return [asdict(t) for t in self.transfers]
+
+
+def format_summary(ledger: CommLedger) -> str:
+    """A small table of totals per message type, for the end-of-run log."""
+    lines = [f"{'messages':<12}{'down params':>16}{'down MB':>12}{'up params':>16}{'up MB':>12}"]
+    for mtype in ledger.message_types():
+        t = ledger.totals(message_type=mtype)
+        lines.append(
+            f"{mtype:<12}{t['down_params']:>16,}{t['down_bytes'] / 1e6:>12.2f}"
+            f"{t['up_params']:>16,}{t['up_bytes'] / 1e6:>12.2f}"
+        )
+    t = ledger.totals()
+    lines.append(
+        f"{'all':<12}{t['down_params']:>16,}{t['down_bytes'] / 1e6:>12.2f}"
+        f"{t['up_params']:>16,}{t['up_bytes'] / 1e6:>12.2f}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""Run configuration: one pydantic tree parsed once from Flower's flat run config.
+
+Flower hands every app a flat mapping of dotted, kebab-case keys (``train.local-epochs``).
+We unflatten it and validate it here, so a bad value stops the run before any training,
+with one line that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
+    )
+
+
+class ModelConfig(_Section):
+    """UNet size. ``dim`` = image side reproduces the paper's model."""
+
+    dim: int = Field(28, ge=4, le=512)
+    dim_mults: str = "1,2,4"
+
+    @field_validator("dim_mults")
+    @classmethod
+    def _check_mults(cls, value: str) -> str:
+        try:
+            mults = [int(part) for part in value.split(",")]
+        except ValueError:
+            raise ValueError("must be comma-separated positive integers, e.g. '1,2,4'") from None
+        if not mults or any(m < 1 for m in mults):
+            raise ValueError("must be comma-separated positive integers, e.g. '1,2,4'")
+        return ",".join(str(m) for m in mults)
+
+    @property
+    def mults(self) -> tuple[int, ...]:
+        return tuple(int(part) for part in self.dim_mults.split(","))
+
+
+class DiffusionConfig(_Section):
+    """Noise schedule and loss; the authors' defaults."""
+
+    timesteps: int = Field(1000, ge=2, le=10000)
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+    loss: Literal["huber", "mse"] = "huber"
+    clip_sample: bool = False
+
+
+class DataConfig(_Section):
+    """Which images, and how they are split over clients."""
+
+    name: Literal["fashion-mnist", "cifar10", "celeba", "folder"] = "fashion-mnist"
+    root: str = ""
+    download: bool = True
+    image_size: int = Field(0, ge=0, le=1024)
+    max_train_examples: int = Field(0, ge=0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    partitioner: Literal["iid", "label-skew", "quantity-skew", "pathological"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    min_partition_size: int = Field(10, ge=1)
+    classes_per_client: int = Field(2, ge=1)
+    num_partitions: int = Field(0, ge=0)
+
+
+class TrainConfig(_Section):
+    """Federated and local training."""
+
+    rounds: int = Field(15, ge=1)
+    local_epochs: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-4, gt=0, le=1)
+    max_steps_per_round: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    num_threads: int = Field(0, ge=0)
+
+
+class StrategyConfig(_Section):
+    """Which aggregation method, and how many nodes take part."""
+
+    name: Literal["full"] = "full"
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    min_nodes: int = Field(2, ge=1)
+    round_timeout: float = Field(3600.0, gt=0)
+
+
+class EvalConfig(_Section):
+    """What the server and clients measure, and how often."""
+
+    every: int = Field(1, ge=0)
+    num_samples: int = Field(64, ge=1, le=4096)
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler_steps: int = Field(50, ge=1)
+    max_val_examples: int = Field(512, ge=0)
+    batch_size: int = Field(256, ge=1)
+
+
+class OutputConfig(_Section):
+    """Where the run directory goes."""
+
+    dir: str = "runs"
+    name: str = ""
+    progress: bool = True
+
+
+class FedConfig(_Section):
+    """The whole run configuration."""
+
+    seed: int = Field(0, ge=0)
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """The config as Flower-style dotted kebab keys (what pyproject.toml holds)."""
+        return flatten(self.model_dump(by_alias=True))
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; its message is one line."""
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``; already nested tables pass through."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key '{key}' clashes with the scalar key '{part}'")
+            node = child
+        if isinstance(value, Mapping):
+            value = unflatten(value)
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def _allowed(loc: tuple[Any, ...]) -> str:
+    """The keys a section accepts, for an 'unknown key' message."""
+    model: type[BaseModel] = FedConfig
+    for part in loc[:-1]:
+        field = next((f for n, f in model.model_fields.items() if _kebab(n) == part), None)
+        if field is None or not isinstance(field.annotation, type):
+            return ""
+        model = field.annotation
+    return ", ".join(_kebab(name) for name in model.model_fields)
+
+
+def _one_line(error: ValidationError) -> str:
+    errors = error.errors()
+    first = errors[0]
+    loc = tuple(str(part) for part in first["loc"])
+    key = ".".join(loc)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed(loc)
+        hint = f"; allowed here: {allowed}" if allowed else ""
+        return f"unknown config key '{key}'{hint}{more}"
+    return f"invalid config: {key} = {first.get('input')!r}: {first['msg']}{more}"
+
+
+def parse_config(run_config: Mapping[str, Any]) -> FedConfig:
+    """Validate a Flower run config (flat dotted keys or nested tables)."""
+    try:
+        cfg = FedConfig.model_validate(unflatten(run_config))
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+    if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
+        raise ConfigError(
+            f"invalid config: diffusion.beta-end = {cfg.diffusion.beta_end!r}: "
+            f"must be greater than diffusion.beta-start ({cfg.diffusion.beta_start!r})"
+        )
+    return cfg

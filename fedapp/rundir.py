@@ -1,0 +1,78 @@
+"""The run directory: config, metrics, checkpoints and samples of one run."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedapp.config import FedConfig
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def create(cls, cfg: FedConfig, base: Path | None = None) -> RunDir:
+        """A new directory under ``output.dir``; an existing one is never reused."""
+        root = (base or Path(cfg.output.dir)).expanduser().resolve()
+        name = cfg.output.name or (
+            f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.strategy.name}-{cfg.data.name}-{cfg.data.partitioner}"
+        )
+        root.mkdir(parents=True, exist_ok=True)
+        for suffix in [""] + [f"-{i}" for i in range(1, 1000)]:
+            path = root / f"{name}{suffix}"
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            run = cls(path)
+            run.write_config(cfg)
+            return run
+        raise FileExistsError(f"could not create a fresh run directory for {name!r} under {root}")
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def comm_path(self) -> Path:
+        return self.path / "comm.jsonl"
+
+    def checkpoint_path(self, server_round: int) -> Path:
+        return self.path / "checkpoints" / f"round-{server_round:03d}.pt"
+
+    def samples_path(self, server_round: int) -> Path:
+        return self.path / "samples" / f"round-{server_round:03d}.png"
+
+    @property
+    def label_plot_path(self) -> Path:
+        return self.path / "label-distribution.png"
+
+    def write_config(self, cfg: FedConfig) -> None:
+        """The resolved config, as a TOML file ``flwr run --run-config`` accepts back."""
+        self.config_path.write_text(tomli_w.dumps(cfg.model_dump(by_alias=True)))
+
+    def append_jsonl(self, path: Path, rows: list[dict[str, Any]] | dict[str, Any]) -> None:
+        """Append and flush, so a crash loses at most the row being written."""
+        rows = [rows] if isinstance(rows, dict) else rows
+        with path.open("a") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with Path(path).open() as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,55 @@
+"""ServerApp: validate the config once, build the model, run the chosen strategy."""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, INFO
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedapp.builders import build_diffusion, build_model
+from fedapp.checkpoint import save_checkpoint
+from fedapp.comm import CommLedger, format_summary
+from fedapp.config import ConfigError, parse_config
+from fedapp.records import model_to_record
+from fedapp.rundir import RunDir
+from server_app.metering import MeteredGrid
+from server_app.recorder import RoundRecorder
+from strategies import build_strategy
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        cfg = parse_config(context.run_config)
+    except ConfigError as err:
+        log(ERROR, "%s", err)
+        raise SystemExit(f"fedapp: {err}") from None
+    run = RunDir.create(cfg)
+    log(INFO, "fedapp run directory: %s", run.path)
+    print(f"fedapp run directory: {run.path}", flush=True)
+
+    model = build_model(cfg, seed=cfg.seed)
+    ledger = CommLedger()
+    metered = MeteredGrid(grid, ledger)
+    recorder = RoundRecorder(cfg, run, model, build_diffusion(cfg), metered, ledger)
+    strategy = build_strategy(cfg)
+    started = time.perf_counter()
+    result = strategy.start(
+        grid=metered,
+        initial_arrays=model_to_record(model),
+        num_rounds=cfg.train.rounds,
+        timeout=cfg.strategy.round_timeout,
+        evaluate_fn=recorder,
+    )
+    final = save_checkpoint(
+        run.path / "final.pt", cfg, cfg.train.rounds, recorder.model,
+        extra={"comm": ledger.rows(), "metrics": recorder.rows},
+    )
+    log(INFO, "communication (array payload, all rounds):\n%s", format_summary(ledger))
+    log(INFO, "fedapp finished in %.1f s; final checkpoint %s", time.perf_counter() - started, final)
+    del result

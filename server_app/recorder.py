@@ -1,0 +1,121 @@
+"""What the server does after each round: checkpoint, samples, and one metrics row."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, MessageType, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fedapp.checkpoint import save_checkpoint
+from fedapp.comm import CommLedger
+from fedapp.config import FedConfig
+from fedapp.datasets import DatasetNotFoundError, image_shape
+from fedapp.diffusion import Diffusion
+from fedapp.images import save_grid
+from fedapp.local_data import pool_partitioner
+from fedapp.partition import plot_label_distribution
+from fedapp.records import load_record
+from fedapp.rundir import RunDir
+from fedapp.sampling import generate
+from fedapp.training import pick_device
+from fedapp.unet import UNet
+from server_app.metering import MeteredGrid
+
+
+class RoundRecorder:
+    """The strategy's ``evaluate_fn``: called for round 0 and after every round."""
+
+    def __init__(self, cfg: FedConfig, run: RunDir, model: UNet, diffusion: Diffusion,
+                 grid: MeteredGrid, ledger: CommLedger) -> None:
+        self.cfg, self.run, self.model, self.diffusion = cfg, run, model, diffusion
+        self.grid, self.ledger = grid, ledger
+        self.device = pick_device(cfg.train.device)
+        self.started = time.perf_counter()
+        self.last = self.started
+        self.rows: list[dict[str, object]] = []
+        self.label_plot_done = False
+
+    def is_eval_round(self, server_round: int) -> bool:
+        every = self.cfg.eval.every
+        return every > 0 and (server_round % every == 0 or server_round == self.cfg.train.rounds)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            self.started = self.last = time.perf_counter()
+            return None
+        now = time.perf_counter()
+        load_record(self.model, arrays)
+        train = self._aggregate(server_round, MessageType.TRAIN)
+        self._plot_labels_once(server_round)
+        row: dict[str, object] = {
+            "round": server_round,
+            "round_s": round(now - self.last, 3),
+            "wall_s": round(now - self.started, 3),
+            "train": train,
+            "evaluate": self._aggregate(server_round, MessageType.EVALUATE),
+            "comm": self.ledger.round_summary(server_round),
+        }
+        checkpoint = save_checkpoint(
+            self.run.checkpoint_path(server_round), self.cfg, server_round, self.model,
+            extra={"comm": self.ledger.rows(), "metrics": self.rows + [row]},
+        )
+        row["checkpoint"] = str(checkpoint.relative_to(self.run.path))
+        if self.is_eval_round(server_round):
+            row["samples"] = str(self._samples(server_round).relative_to(self.run.path))
+        row["record_s"] = round(time.perf_counter() - now, 3)
+        self.rows.append(row)
+        self.run.append_jsonl(self.run.metrics_path, row)
+        self.run.append_jsonl(
+            self.run.comm_path, [t for t in self.ledger.rows() if t["server_round"] == server_round]
+        )
+        self.last = time.perf_counter()
+        cum = self.ledger.totals(upto=server_round)
+        return MetricRecord({"cum-down-bytes": cum["down_bytes"], "cum-up-bytes": cum["up_bytes"]})
+
+    def _aggregate(self, server_round: int, message_type: str) -> dict[str, float]:
+        contents = self.grid.round_metrics(server_round, message_type)
+        if not contents:
+            return {}
+        merged = aggregate_metricrecords(contents, "num-examples")
+        skip = {"partition-id", "num-partitions"}  # identifiers, not metrics
+        return {k: v for k, v in merged.items() if k not in skip and not isinstance(v, list)}  # type: ignore[misc]
+
+    def _samples(self, server_round: int) -> "Path":
+        ev = self.cfg.eval
+        samples = generate(
+            self.model, self.diffusion, ev.num_samples, image_shape(self.cfg.data),
+            kind=ev.sampler, steps=ev.sampler_steps if ev.sampler == "ddim" else None,
+            seed=self.cfg.seed, device=self.device, batch_size=ev.batch_size,
+            progress=self.cfg.output.progress,
+        )
+        self.model.to("cpu")
+        return save_grid(samples, self.run.samples_path(server_round))
+
+    def _plot_labels_once(self, server_round: int) -> None:
+        """The clients report num-partitions, so the plot matches the real split."""
+        if self.label_plot_done:
+            return
+        reported = {
+            int(m["metrics"]["num-partitions"])  # type: ignore[arg-type]
+            for m in self.grid.round_metrics(server_round, MessageType.TRAIN)
+            if "metrics" in m and "num-partitions" in m["metrics"]
+        }
+        if not reported:
+            return
+        self.label_plot_done = True
+        num = max(reported)
+        try:
+            partitioner = pool_partitioner(self.cfg.data, self.cfg.seed, num)
+        except DatasetNotFoundError as err:
+            log(WARNING, "label-distribution plot skipped: the server has no copy of the data (%s)", err)
+            return
+        title = f"{self.cfg.data.name}, {self.cfg.data.partitioner}, {num} clients"
+        path = plot_label_distribution(partitioner, self.run.label_plot_path, title)
+        log(INFO, "label distribution: %s", path)
+
+
+from pathlib import Path  # noqa: E402  (used in a type annotation above)

@@ -1,0 +1,25 @@
+"""Server-side aggregation methods, selected by ``strategy.name``."""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedAvg
+
+from fedapp.config import FedConfig
+from strategies.full import Full
+
+STRATEGIES: dict[str, type[FedAvg]] = {"full": Full}
+
+
+def build_strategy(cfg: FedConfig) -> FedAvg:
+    s = cfg.strategy
+    strategy = STRATEGIES[s.name](
+        fraction_train=s.fraction_train,
+        fraction_evaluate=s.fraction_evaluate,
+        min_train_nodes=s.min_nodes,
+        min_evaluate_nodes=s.min_nodes if s.fraction_evaluate > 0 else 0,
+        min_available_nodes=s.min_nodes,
+    )
+    return strategy
+
+
+__all__ = ["STRATEGIES", "Full", "build_strategy"]
