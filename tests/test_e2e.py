@@ -1,0 +1,86 @@
+"""End to end: ``flwr run`` of a tiny config on real Fashion-MNIST, then its run directory."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from flwr_harness import flwr_home, flwr_run
+
+from fedapp.checkpoint import load_checkpoint
+from fedapp.config import parse_config
+from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
+from fedapp.rundir import read_jsonl
+from fedapp.unet import part_sizes
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
+        reason="needs the real Fashion-MNIST: apt-get install dataset-fashion-mnist",
+    ),
+]
+
+TINY = {
+    "model.dim": 8,
+    "model.dim-mults": "1,2",
+    "data.max-train-examples": 300,
+    "train.rounds": 2,
+    "train.batch-size": 32,
+    "eval.every": 1,
+    "eval.num-samples": 4,
+    "eval.sampler-steps": 4,
+    "eval.max-val-examples": 32,
+    "output.name": "e2e",
+    "output.progress": False,
+}
+
+
+def test_flwr_run_leaves_a_complete_run_directory(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    with flwr_home(tmp_path) as env:
+        bad = flwr_run(env, {**TINY, "output.dir": str(runs), "train.lr": -1.0}, 2, timeout=300)
+        assert "train.lr" in bad.stdout + bad.stderr, bad.stdout[-3000:]
+        assert not runs.exists(), "an invalid config must stop the run before anything is written"
+
+        done = flwr_run(env, {**TINY, "output.dir": str(runs)}, 2, timeout=600)
+    log = done.stdout + done.stderr
+    run = runs / "e2e"
+    assert run.is_dir(), log[-4000:]
+    assert f"fedapp run directory: {run}" in log
+
+    cfg = parse_config(tomllib.loads((run / "config.toml").read_text()))
+    assert cfg.model.dim == 8 and cfg.train.rounds == 2
+
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert math.isfinite(row["train"]["train-loss"]) and row["train"]["train-loss"] > 0
+        assert math.isfinite(row["evaluate"]["eval-loss"])
+        assert (run / row["checkpoint"]).is_file()
+        assert (run / row["samples"]).stat().st_size > 0
+
+    model, ckpt_cfg, payload = load_checkpoint(run / "final.pt")
+    assert payload["round"] == 2 and ckpt_cfg == cfg
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    n_params = sum(part_sizes(model).values())
+    train_comm = rows[-1]["comm"]["train"]
+    assert train_comm["round"]["down_params"] == 2 * n_params
+    assert train_comm["round"]["up_params"] == 2 * n_params
+    assert train_comm["cumulative"]["down_params"] == 4 * n_params
+    assert (run / "label-distribution.png").stat().st_size > 0
+    assert len(read_jsonl(run / "comm.jsonl")) == 2 * 2 * 4  # rounds x clients x (train, evaluate) x (down, up)
+
+    grid = tmp_path / "grid.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "fedapp", "sample", str(run / "final.pt"), "--n", "4", "--steps", "3",
+         "--out", str(grid)],
+        capture_output=True, text=True, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert grid.stat().st_size > 0
