@@ -16,9 +16,20 @@ import torch
 from torch import nn
 
 from fedapp.builders import build_model
-from fedapp.config import FedConfig, parse_config
+from fedapp.config import ConfigError, FedConfig, parse_config
 
 FORMAT_VERSION = 1
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
@@ -27,6 +38,7 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; keep the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -59,10 +71,13 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[nn.
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable fedapp checkpoint ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{path} is not a readable fedapp checkpoint ({_first_line(err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a fedapp checkpoint of format {FORMAT_VERSION}")
-    cfg = parse_config(payload["config"])
-    model = build_model(cfg)
-    model.load_state_dict(payload["model"])
+    try:
+        cfg = parse_config(payload["config"])
+        model = build_model(cfg)
+        model.load_state_dict(payload["model"])
+    except (ConfigError, RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: weights or config do not fit this fedapp version ({_first_line(err)})") from None
     return model.to(device), cfg, payload

@@ -108,7 +108,7 @@ class OutputConfig(_Section):
     """Where the run directory goes."""
 
     dir: str = "runs"
-    name: str = ""
+    name: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*)?$", max_length=200)
     progress: bool = True
 
 
