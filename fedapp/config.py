@@ -19,7 +19,12 @@ def _kebab(name: str) -> str:
 
 class _Section(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
+        extra="forbid",
+        alias_generator=_kebab,
+        populate_by_name=True,
+        frozen=True,
+        strict=True,  # Flower passes typed TOML values: "3" or true is not a round count
+        allow_inf_nan=False,
     )
 
 
@@ -134,20 +139,29 @@ class ConfigError(ValueError):
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``; already nested tables pass through."""
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``; nested tables merge, and any clash is an error."""
     tree: dict[str, Any] = {}
     for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"config key '{key}' clashes with the scalar key '{part}'")
-            node = child
         if isinstance(value, Mapping):
-            value = unflatten(value)
-        node[leaf] = value
+            for sub, leaf_value in flatten(value).items():
+                _put(tree, f"{key}.{sub}", leaf_value)
+        else:
+            _put(tree, key, value)
     return tree
+
+
+def _put(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = key.split(".")
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}' clashes with the scalar key '{'.'.join(parents[: i + 1])}'")
+        node = child
+    if leaf in node:
+        kind = "table" if isinstance(node[leaf], dict) else "key"
+        raise ConfigError(f"config key '{key}' is given twice (or clashes with a {kind} of that name)")
+    node[leaf] = value
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

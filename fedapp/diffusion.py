@@ -135,8 +135,10 @@ class Diffusion:
         final sample when t_stop = 0. Two stretches that meet at the same cut, on the
         same grid, compose to the full chain.
         """
-        sched = self.sampler(kind, steps)
         t_start = self.timesteps if t_start is None else t_start
+        if not 0 <= t_stop <= t_start <= self.timesteps:
+            raise ValueError(f"invalid stretch: need 0 <= t_stop ({t_stop}) <= t_start ({t_start}) <= {self.timesteps}")
+        sched = self.sampler(kind, steps)
         todo = [t for t in sched.timesteps if t_stop <= int(t) < t_start]
         was_training = model.training
         model.eval()

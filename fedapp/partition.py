@@ -31,9 +31,10 @@ def _pool(labels: np.ndarray) -> Dataset:
 
 def dirichlet_sizes(n: int, num_partitions: int, alpha: float, min_size: int, seed: int) -> list[int]:
     """Client sizes ~ Dirichlet(α)·n, redrawn until every client has ``min_size`` examples."""
-    if num_partitions * min_size > n:
+    if num_partitions * min_size >= n and num_partitions > 1:
         raise ValueError(
-            f"cannot give {num_partitions} clients {min_size} examples each from {n} examples"
+            f"quantity-skew: {n} examples leave no room for skew with {num_partitions} clients of "
+            f">= {min_size} examples each; lower data.min-partition-size or use more data"
         )
     rng = np.random.default_rng(seed)
     for _ in range(_MAX_DRAWS):

@@ -65,13 +65,37 @@ def train_local(
     model.to(device).train()
     named = dict(model.named_parameters())
     keep = set(named) if trainable is None else set(trainable)
-    for name, param in named.items():
-        param.requires_grad_(name in keep)
-    params = [p for n, p in named.items() if n in keep]
+    unknown = sorted(keep - set(named))
+    if unknown or not keep:
+        raise ValueError(f"trainable names no model parameters: {unknown[:3] or 'empty list'}")
+    try:
+        for name, param in named.items():
+            param.requires_grad_(name in keep)
+        return _epochs(model, diffusion, images, [p for n, p in named.items() if n in keep],
+                       epochs, batch_size, lr, seed, device, max_steps, t_range, progress, desc)
+    finally:
+        for param in named.values():
+            param.requires_grad_(True)
+
+
+def _epochs(
+    model: nn.Module,
+    diffusion: Diffusion,
+    images: torch.Tensor,
+    params: list[nn.Parameter],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    max_steps: int,
+    t_range: TimeRange | None,
+    progress: bool,
+    desc: str,
+) -> TrainResult:
     optimizer = torch.optim.Adam(params, lr=lr)
     order_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-
     total, steps, seen = 0.0, 0, 0
     start = time.perf_counter()
     for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
@@ -89,8 +113,6 @@ def train_local(
                 break
         if max_steps and steps >= max_steps:
             break
-    for param in named.values():
-        param.requires_grad_(True)
     return TrainResult(loss=total / seen, steps=steps, images=seen, seconds=time.perf_counter() - start)
 
 
@@ -112,8 +134,10 @@ def denoising_loss(
     model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     total = 0.0
-    for first in range(0, len(images), batch_size):
-        x0 = to_model_range(images[first : first + batch_size]).to(device)
-        total += diffusion.loss(model, x0, t_range, gen).item() * len(x0)
-    model.train(was_training)
+    try:
+        for first in range(0, len(images), batch_size):
+            x0 = to_model_range(images[first : first + batch_size]).to(device)
+            total += diffusion.loss(model, x0, t_range, gen).item() * len(x0)
+    finally:
+        model.train(was_training)
     return total / len(images)

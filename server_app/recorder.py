@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from logging import INFO, WARNING
 
 import torch
@@ -84,7 +85,7 @@ class RoundRecorder:
         skip = {"partition-id", "num-partitions"}  # identifiers, not metrics
         return {k: v for k, v in merged.items() if k not in skip and not isinstance(v, list)}  # type: ignore[misc]
 
-    def _samples(self, server_round: int) -> "Path":
+    def _samples(self, server_round: int) -> Path:
         ev = self.cfg.eval
         samples = generate(
             self.model, self.diffusion, ev.num_samples, image_shape(self.cfg.data),
@@ -117,5 +118,3 @@ class RoundRecorder:
         path = plot_label_distribution(partitioner, self.run.label_plot_path, title)
         log(INFO, "label distribution: %s", path)
 
-
-from pathlib import Path  # noqa: E402  (used in a type annotation above)

@@ -250,3 +250,11 @@ def test_loss_goes_down_on_fashion_mnist(monkeypatch: pytest.MonkeyPatch, tmp_pa
     after = denoising_loss(model, diffusion, held_out, batch_size=128, seed=0, device=cpu)
     assert statistics.mean(losses[-10:]) < 0.8 * statistics.mean(losses[:10]), losses
     assert after < before
+
+
+@pytest.mark.parametrize("t_start, t_stop", [(100, 900), (5000, 0), (10, -1)])
+def test_sample_rejects_an_invalid_stretch(t_start: int, t_stop: int) -> None:
+    diffusion = Diffusion()
+    model = UNet(8, (1, 2), 1)
+    with pytest.raises(ValueError, match="invalid stretch"):
+        diffusion.sample(model, torch.zeros(1, 1, 8, 8), t_start=t_start, t_stop=t_stop)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pytest
+from flower_mocks import FakeGrid
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -16,9 +17,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp import Grid
 from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedapp.comm import CommLedger, format_summary
 from fedapp.records import arrays_size, model_to_record
@@ -26,66 +25,12 @@ from fedapp.unet import UNet
 from server_app.metering import MeteredGrid
 from strategies import Full
 
-RUN_ID = 4242
 NODES = (11, 22, 33)
 EXAMPLES = {11: 10, 22: 30, 33: 60, 44: 5}
 HEADER = 256  # generous bound on the per-array serialization overhead (npy header)
 
 
-# -- helpers (same as in test_strategy.py) ----------------------------------------------
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """flwr 1.41 reads these when a Message is built; they are unset outside a run."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class FakeGrid(Grid):
-    """In-process Grid: every pushed message is answered by ``respond(message)``."""
-
-    def __init__(self, node_ids: Iterable[int], respond: Callable[[Message], Message]) -> None:
-        self.node_ids = list(node_ids)
-        self.respond = respond
-        self.sent: list[Message] = []
-        # (message type, server-round at send time, destination): the config record is
-        # reused and mutated by the strategy, so it is read when the message goes out.
-        self.log: list[tuple[str, int | None, int]] = []
-        self._pending: dict[str, Message] = {}
-        self._run = Run.create_empty(RUN_ID)
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            mid = f"msg-{len(self.sent)}"
-            self.sent.append(msg)
-            config = msg.content.config_records.get("config")
-            server_round = int(config["server-round"]) if config and "server-round" in config else None
-            self.log.append((msg.metadata.message_type, server_round, msg.metadata.dst_node_id))
-            self._pending[mid] = msg
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.respond(self._pending.pop(mid)) for mid in message_ids if mid in self._pending]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return list(self.pull_messages(self.push_messages(messages)))
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def client(msg: Message) -> Message:

@@ -1,22 +1,13 @@
 """The ``Full`` strategy (FedAvg over every array) on mocked Flower replies, without Ray.
 
-Helpers (also copied into test_metering.py so each file stands alone):
-
-* ``task_identity`` (autouse fixture): flwr 1.41 reads ``TaskIdentity.run_id``/``node_id``/
-  ``task_id`` when a ``Message`` is built, and those are unset outside a real run.
-* ``reply_from(node_id, content=None, error=None, message_type="train")``: a reply
-  ``Message`` whose ``metadata.src_node_id`` is ``node_id``, built the way a ClientApp
-  does (``Message(content_or_error, reply_to=instruction)``).
-* ``FakeGrid(node_ids, respond)``: a ``flwr.serverapp.Grid`` whose ``send_and_receive``
-  answers every message with ``respond(message)``.
+The mocks (``FakeGrid``, ``reply_from``) live in flower_mocks.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 import numpy as np
 import pytest
+from flower_mocks import FakeGrid, reply_from
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -27,72 +18,11 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedapp.config import parse_config
 from strategies import STRATEGIES, Full, build_strategy
 
-RUN_ID = 4242
-SERVER_NODE_ID = 1
-
-
-# -- helpers ------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
-    monkeypatch.setattr(TaskIdentity, "_node_id", SERVER_NODE_ID)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-def reply_from(node_id: int, content: RecordDict | None = None, error: Error | None = None,
-               message_type: str = MessageType.TRAIN) -> Message:
-    """A reply Message sent by ``node_id`` (content or error, not both)."""
-    assert (content is None) != (error is None)
-    instruction = Message(content=RecordDict(), dst_node_id=node_id, message_type=message_type)
-    return Message(error if error is not None else content, reply_to=instruction)
-
-
-class FakeGrid(Grid):
-    """In-process Grid: every pushed message is answered by ``respond(message)``."""
-
-    def __init__(self, node_ids: Iterable[int], respond: Callable[[Message], Message]) -> None:
-        self.node_ids = list(node_ids)
-        self.respond = respond
-        self.sent: list[Message] = []
-        self._pending: dict[str, Message] = {}
-        self._run = Run.create_empty(RUN_ID)
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            mid = f"msg-{len(self.sent)}"
-            self.sent.append(msg)
-            self._pending[mid] = msg
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.respond(self._pending.pop(mid)) for mid in message_ids if mid in self._pending]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return list(self.pull_messages(self.push_messages(messages)))
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
