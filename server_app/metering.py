@@ -6,8 +6,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from fedapp.comm import CommLedger
 

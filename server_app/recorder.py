@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from logging import INFO, WARNING
+from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from flower_mocks import RUN_ID
 from flwr.supercore.task_identity import TaskIdentity
+
+from flower_mocks import RUN_ID
 
 
 @pytest.fixture

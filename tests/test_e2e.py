@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr_harness import flwr_home, flwr_run
 
 from fedapp.checkpoint import load_checkpoint
 from fedapp.config import parse_config
 from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.rundir import read_jsonl
 from fedapp.unet import part_sizes
+from flwr_harness import flwr_home, flwr_run
 
 pytestmark = [
     pytest.mark.e2e,

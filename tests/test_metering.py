@@ -6,7 +6,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import pytest
-from flower_mocks import FakeGrid
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -22,6 +21,7 @@ from flwr.supercore.run import Run
 from fedapp.comm import CommLedger, format_summary
 from fedapp.records import arrays_size, model_to_record
 from fedapp.unet import UNet
+from flower_mocks import FakeGrid
 from server_app.metering import MeteredGrid
 from strategies import Full
 

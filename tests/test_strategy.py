@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flower_mocks import FakeGrid, reply_from
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -20,6 +19,7 @@ from flwr.app import (
 )
 
 from fedapp.config import parse_config
+from flower_mocks import FakeGrid, reply_from
 from strategies import STRATEGIES, Full, build_strategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
