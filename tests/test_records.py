@@ -228,7 +228,7 @@ def test_save_is_atomic_and_overwrites(tmp_path: Path, cfg: FedConfig) -> None:
 def test_failed_save_keeps_the_old_file_and_leaves_no_tmp(tmp_path: Path, cfg: FedConfig) -> None:
     path = save_checkpoint(tmp_path / "latest.pt", cfg, 1, build_model(cfg, seed=0))
     before = path.read_bytes()
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises((pickle.PicklingError, AttributeError)):
         atomic_torch_save({"unpicklable": lambda: None}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
