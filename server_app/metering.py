@@ -25,6 +25,7 @@ class MeteredGrid(Grid):
         self.current_round = 0
         # Only the metrics of replies are kept: arrays would pile up over the rounds.
         self.metrics: dict[tuple[int, str], list[RecordDict]] = defaultdict(list)
+        self.errors: dict[tuple[int, str], list[tuple[int, str]]] = defaultdict(list)
 
     # -- delegation -------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -75,10 +76,16 @@ class MeteredGrid(Grid):
             content = None if reply.has_error() else reply.content
             self.ledger.add(self.current_round, reply.metadata.src_node_id, "up",
                             reply.metadata.message_type, content)
+            key = (self.current_round, reply.metadata.message_type)
             if content is not None:
-                metrics = RecordDict(dict(content.metric_records))
-                self.metrics[(self.current_round, reply.metadata.message_type)].append(metrics)
+                self.metrics[key].append(RecordDict(dict(content.metric_records)))
+            else:
+                self.errors[key].append((reply.metadata.src_node_id, reply.error.reason))
 
     def round_metrics(self, server_round: int, message_type: str) -> list[RecordDict]:
         """The MetricRecords of the round's successful replies of one message type."""
         return list(self.metrics.get((server_round, message_type), []))
+
+    def round_errors(self, server_round: int, message_type: str) -> list[tuple[int, str]]:
+        """(node id, reason) of the round's errored replies of one message type."""
+        return list(self.errors.get((server_round, message_type), []))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, MessageType, MetricRecord
@@ -48,8 +48,10 @@ class RoundRecorder:
             self.started = self.last = time.perf_counter()
             return None
         now = time.perf_counter()
-        load_record(self.model, arrays)
         train = self._aggregate(server_round, MessageType.TRAIN)
+        if not train:
+            self._stop_without_updates(server_round)
+        load_record(self.model, arrays)
         self._plot_labels_once(server_round)
         row: dict[str, object] = {
             "round": server_round,
@@ -83,6 +85,15 @@ class RoundRecorder:
         merged = aggregate_metricrecords(contents, "num-examples")
         skip = {"partition-id", "num-partitions"}  # identifiers, not metrics
         return {k: v for k, v in merged.items() if k not in skip and not isinstance(v, list)}  # type: ignore[misc]
+
+    def _stop_without_updates(self, server_round: int) -> None:
+        """Rounds with no model from any client would only repeat the failure; stop with its reason."""
+        errors = self.grid.round_errors(server_round, MessageType.TRAIN)
+        reason = errors[0][1].strip().splitlines()[-1] if errors else "no client replied"
+        node = f" (node {errors[0][0]}, {len(errors)} failed)" if errors else ""
+        message = f"round {server_round}: no client returned a model{node}: {reason}"
+        log(ERROR, "%s", message)
+        raise SystemExit(f"fedapp: {message}")
 
     def _samples(self, server_round: int) -> Path:
         ev = self.cfg.eval
