@@ -210,4 +210,10 @@ def parse_config(run_config: Mapping[str, Any]) -> FedConfig:
             f"invalid config: diffusion.beta-end = {cfg.diffusion.beta_end!r}: "
             f"must be greater than diffusion.beta-start ({cfg.diffusion.beta_start!r})"
         )
+    ev = cfg.eval
+    if ev.sampler == "ddim" and cfg.diffusion.timesteps % ev.sampler_steps:
+        raise ConfigError(
+            f"invalid config: eval.sampler-steps = {ev.sampler_steps}: DDIM steps must divide "
+            f"diffusion.timesteps ({cfg.diffusion.timesteps}), e.g. 10, 20, 50, 100"
+        )
     return cfg

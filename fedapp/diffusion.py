@@ -91,6 +91,9 @@ class Diffusion:
         steps = self.timesteps if steps is None else steps
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"sampler steps must be in [1, {self.timesteps}], got {steps}")
+        if kind == "ddim" and self.timesteps % steps:
+            # diffusers steps DDIM from t to t - T//steps, which is off the grid otherwise
+            raise ValueError(f"DDIM steps must divide T = {self.timesteps}; got {steps}")
         if kind == "ddpm":
             sched: DDPMScheduler | DDIMScheduler = DDPMScheduler.from_config(self.scheduler.config)
         elif kind == "ddim":

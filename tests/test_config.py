@@ -223,3 +223,9 @@ if CONF_FILES:  # only generated when the repository ships run configs
             assert flat[key] == value, key  # no value in the file is lost or changed
         # Flower passes the same file as flat keys; both spellings agree.
         assert parse_config(flatten(table)) == cfg
+
+
+def test_ddim_steps_that_do_not_divide_t_are_a_config_error() -> None:
+    message = config_error({"eval.sampler-steps": 7})
+    assert "eval.sampler-steps" in message and "divide" in message
+    assert parse_config({"eval.sampler-steps": 7, "eval.sampler": "ddpm"}).eval.sampler_steps == 7

@@ -125,7 +125,7 @@ def test_ddim_grid() -> None:
     assert grid[-1] >= 0
 
 
-@pytest.mark.parametrize("kind, steps", [("ddim", 50), ("ddim", 7), ("ddpm", None)])
+@pytest.mark.parametrize("kind, steps", [("ddim", 50), ("ddim", 8), ("ddpm", None)])
 def test_grid_stretch_keeps_entries_in_range(kind: str, steps: int | None) -> None:
     diffusion = Diffusion()
     full = diffusion.grid(kind, steps)  # type: ignore[arg-type]
@@ -258,3 +258,36 @@ def test_sample_rejects_an_invalid_stretch(t_start: int, t_stop: int) -> None:
     model = UNet(8, (1, 2), 1)
     with pytest.raises(ValueError, match="invalid stretch"):
         diffusion.sample(model, torch.zeros(1, 1, 8, 8), t_start=t_start, t_stop=t_stop)
+
+
+class _OracleEps(torch.nn.Module):
+    """The exact ε-predictor for data that is one fixed image: any sampler must return it."""
+
+    def __init__(self, diffusion: Diffusion, target: torch.Tensor) -> None:
+        super().__init__()
+        self.abar = diffusion.scheduler.alphas_cumprod
+        self.target = target
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.abar[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.target) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("kind, steps", [("ddim", 50), ("ddim", 8), ("ddpm", None)])
+def test_sampler_and_training_noise_agree_on_the_schedule(kind: str, steps: int | None) -> None:
+    """An off-by-one between add_noise's t and the sampler's t would leave visible error."""
+    diffusion = Diffusion()
+    target = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    oracle = _OracleEps(diffusion, target)
+    full = diffusion.sample(oracle, diffusion.prior(target.shape, gen), kind=kind, steps=steps, generator=gen)
+    assert (full - target).abs().max() < 1e-4
+    x_c = diffusion.sample(oracle, diffusion.prior(target.shape, gen), t_stop=300, kind=kind, steps=steps,
+                           generator=gen)
+    split = diffusion.sample(oracle, x_c, t_start=300, kind=kind, steps=steps, generator=gen)
+    assert (split - target).abs().max() < 1e-4
+
+
+def test_ddim_steps_must_divide_the_chain() -> None:
+    with pytest.raises(ValueError, match="divide"):
+        Diffusion().sampler("ddim", 7)

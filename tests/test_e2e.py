@@ -78,7 +78,7 @@ def test_flwr_run_leaves_a_complete_run_directory(tmp_path: Path) -> None:
 
     grid = tmp_path / "grid.png"
     out = subprocess.run(
-        [sys.executable, "-m", "fedapp", "sample", str(run / "final.pt"), "--n", "4", "--steps", "3",
+        [sys.executable, "-m", "fedapp", "sample", str(run / "final.pt"), "--n", "4", "--steps", "4",
          "--out", str(grid)],
         capture_output=True, text=True, check=False,
     )

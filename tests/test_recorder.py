@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 def tiny_config(tmp_path: Path) -> FedConfig:
     return parse_config({
         "model.dim": 8, "model.dim-mults": "1,2", "train.rounds": 2, "data.max-train-examples": 200, "eval.every": 2,
-        "eval.num-samples": 4, "eval.sampler-steps": 3, "output.dir": str(tmp_path),
+        "eval.num-samples": 4, "eval.sampler-steps": 4, "output.dir": str(tmp_path),
         "output.name": "rec", "output.progress": False,
     })
 
