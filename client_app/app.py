@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -17,17 +19,29 @@ app = ClientApp()
 
 def _node_job(context: Context) -> tuple[FedConfig, int, int, LocalData]:
     cfg = parse_config(context.run_config)
-    try:
-        pid = int(context.node_config["partition-id"])
-        num = int(context.node_config["num-partitions"])
-    except KeyError as err:
-        raise KeyError(
-            f"node config lacks {err.args[0]!r}: start the SuperNode with "
-            "--node-config 'partition-id=<i> num-partitions=<n>'"
-        ) from None
+    pid, num = node_partition(context.node_config, cfg.data.num_partitions)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     return cfg, pid, num, local_data(cfg.data, cfg.seed, pid, num)
+
+
+def node_partition(node_config: Mapping[str, object], configured: int) -> tuple[int, int]:
+    """This node's (partition-id, num-partitions); ``data.num-partitions`` fills in a missing count."""
+    if "partition-id" not in node_config:
+        raise KeyError(
+            "node config lacks 'partition-id': start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        )
+    pid = int(node_config["partition-id"])  # type: ignore[call-overload]
+    given = int(node_config.get("num-partitions", 0))  # type: ignore[call-overload]
+    if given and configured and given != configured:
+        raise ValueError(
+            f"node config num-partitions = {given} but data.num-partitions = {configured}; make them agree"
+        )
+    num = given or configured
+    if not num:
+        raise KeyError("num-partitions is set neither in the node config nor in data.num-partitions")
+    return pid, num
 
 
 @app.train()
