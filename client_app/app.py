@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -11,8 +12,11 @@ from flwr.clientapp import ClientApp
 from fedapp.builders import build_diffusion, build_model
 from fedapp.config import FedConfig, parse_config
 from fedapp.local_data import LocalData, local_data
+from fedapp.methods import ALL_PARTS, is_personalized, parts_keys
+from fedapp.node_state import load_node_model, node_dir, save_node_model, state_root
 from fedapp.records import load_record, model_to_record
 from fedapp.training import denoising_loss, pick_device, train_local
+from fedapp.unet import UNet, unet_parts
 
 app = ClientApp()
 
@@ -44,13 +48,42 @@ def node_partition(node_config: Mapping[str, object], configured: int) -> tuple[
     return pid, num
 
 
+def report_parts(config: Mapping[str, object]) -> tuple[str, ...]:
+    """The parts the server asked for (all of them when it names none, as Full does)."""
+    raw = str(config.get("report-parts", "") or "")
+    parts = tuple(p for p in raw.split(",") if p) or ALL_PARTS
+    unknown = [p for p in parts if p not in ALL_PARTS]
+    if unknown:
+        raise ValueError(f"server asked for unknown UNet parts {unknown}; known: {', '.join(ALL_PARTS)}")
+    return parts
+
+
+def personal_model(cfg: FedConfig, msg: Message, context: Context) -> tuple[UNet, Path]:
+    """The global arrays received, completed by this node's own saved parts where needed."""
+    model = build_model(cfg)
+    incoming = msg.content["arrays"]
+    directory = node_dir(state_root(cfg.train.node_state_dir), context.run_id, context.node_id)
+    missing = set(model.state_dict()) - set(incoming.keys())
+    if missing:
+        saved = load_node_model(directory)
+        if saved is None:
+            raise RuntimeError(
+                f"node {context.node_id} received {len(incoming)} of {len(missing) + len(incoming)} arrays "
+                f"but has no saved model of its own in {directory}"
+            )
+        model.load_state_dict({k: v for k, v in saved["model"].items() if k in missing}, strict=False)
+    load_record(model, incoming, strict=not missing)
+    return model, directory
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, num, data = _node_job(context)
     server_round = int(msg.content["config"]["server-round"])
     device = pick_device(cfg.train.device)
-    model = build_model(cfg)
-    load_record(model, msg.content["arrays"])
+    report = report_parts(msg.content["config"])
+    model, directory = personal_model(cfg, msg, context)
+    report_keys = parts_keys(report, unet_parts(model))
     result = train_local(
         model,
         build_diffusion(cfg),
@@ -61,6 +94,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=cfg.seed * 1_000_003 + server_round * 1009 + pid,
         device=device,
         max_steps=cfg.train.max_steps_per_round,
+        trainable=report_keys if cfg.train.scope == "shared" else None,
         progress=cfg.output.progress,
         desc=f"client {pid} round {server_round}",
     )
@@ -75,15 +109,17 @@ def train(msg: Message, context: Context) -> Message:
             "num-partitions": num,
         }
     )
-    return Message(RecordDict({"arrays": model_to_record(model), "metrics": metrics}), reply_to=msg)
+    if is_personalized(cfg.strategy.name):
+        save_node_model(directory, model.state_dict(), pid, server_round)
+    reply = RecordDict({"arrays": model_to_record(model, keys=report_keys), "metrics": metrics})
+    return Message(reply, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, pid, _, data = _node_job(context)
     device = pick_device(cfg.train.device)
-    model = build_model(cfg)
-    load_record(model, msg.content["arrays"])
+    model, _ = personal_model(cfg, msg, context)
     cap = cfg.eval.max_val_examples or len(data.val)
     images = data.val.images[:cap]
     loss = denoising_loss(

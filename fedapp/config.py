@@ -86,12 +86,14 @@ class TrainConfig(_Section):
     max_steps_per_round: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     num_threads: int = Field(0, ge=0)
+    scope: Literal["all", "shared"] = "all"
+    node_state_dir: str = ""
 
 
 class StrategyConfig(_Section):
     """Which aggregation method, and how many nodes take part."""
 
-    name: Literal["full"] = "full"
+    name: Literal["full", "usplit", "ulatdec", "udec"] = "full"
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_nodes: int = Field(2, ge=1)

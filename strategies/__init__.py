@@ -6,13 +6,16 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedapp.config import FedConfig
 from strategies.full import Full
+from strategies.partial import PartFedAvg, UDec, ULatDec, USplit
 
-STRATEGIES: dict[str, type[FedAvg]] = {"full": Full}
+STRATEGIES: dict[str, type[FedAvg]] = {"full": Full, "usplit": USplit, "ulatdec": ULatDec, "udec": UDec}
 
 
 def build_strategy(cfg: FedConfig) -> FedAvg:
     s = cfg.strategy
+    kwargs: dict[str, object] = {"seed": cfg.seed} if s.name == "usplit" else {}
     strategy = STRATEGIES[s.name](
+        **kwargs,
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_nodes,
@@ -22,4 +25,4 @@ def build_strategy(cfg: FedConfig) -> FedAvg:
     return strategy
 
 
-__all__ = ["STRATEGIES", "Full", "build_strategy"]
+__all__ = ["STRATEGIES", "Full", "PartFedAvg", "UDec", "ULatDec", "USplit", "build_strategy"]

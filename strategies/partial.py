@@ -1,0 +1,151 @@
+"""FedDiffuse's sub-block methods: FedAvg that sends, collects and averages UNet parts.
+
+The server always holds the whole model. Each round it sends every node the parts the
+method shares (the whole model on a node's first round, so private parts start from the
+global initialization), tells it in the train config which parts to report, and
+averages each part over the nodes that reported it, weighted by their examples.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from fedapp.methods import ALL_PARTS, SHARED_PARTS, is_personalized, parts_keys, usplit_assignment
+from fedapp.unet import unet_parts
+
+
+def mean_std_over_clients(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Unweighted mean and standard deviation of each metric over clients (personal models)."""
+    values: dict[str, list[float]] = {}
+    for record in records:
+        for metrics in record.metric_records.values():
+            for key, value in metrics.items():
+                if key != weighted_by_key and isinstance(value, int | float):
+                    values.setdefault(key, []).append(float(value))
+    out: dict[str, float] = {}
+    for key, vals in values.items():
+        out[key] = statistics.fmean(vals)
+        out[f"{key}-std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+    out["clients"] = float(len(records))
+    return MetricRecord(out)
+
+
+class PartFedAvg(FedAvg):
+    """Part-wise FedAvg; subclasses choose the method and, for USplit, the tasks."""
+
+    method = "full"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        if is_personalized(self.method):
+            kwargs.setdefault("evaluate_metrics_aggr_fn", mean_std_over_clients)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.tasks: dict[int, tuple[str, ...]] = {}
+        self.initialized: set[int] = set()  # nodes that hold their private parts
+        self._global: ArrayRecord | None = None
+        self._keys: dict[str, list[str]] = {}
+
+    def assign(self, server_round: int, node_ids: list[int]) -> dict[int, tuple[str, ...]]:
+        """Which parts each node reports this round: the shared ones, by default."""
+        return {node: SHARED_PARTS[self.method] for node in node_ids}
+
+    def _down(self, arrays: ArrayRecord, node: int) -> ArrayRecord:
+        if node not in self.initialized:
+            return arrays
+        return ArrayRecord({k: arrays[k] for k in parts_keys(SHARED_PARTS[self.method], self._keys)})
+
+    def _tailor(self, messages: Iterable[Message], arrays: ArrayRecord,
+                extra: dict[int, dict[str, str]] | None = None) -> list[Message]:
+        """One message per node with its own arrays (and config additions)."""
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            config = ConfigRecord({**dict(msg.content[self.configrecord_key]), **(extra or {}).get(node, {})})
+            content = RecordDict({self.arrayrecord_key: self._down(arrays, node), self.configrecord_key: config})
+            out.append(Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node))
+        return out
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._global, self._keys = arrays, unet_parts(dict(arrays.items()))
+        self.tasks = self.assign(server_round, [m.metadata.dst_node_id for m in messages])
+        extra = {node: {"report-parts": ",".join(parts)} for node, parts in self.tasks.items()}
+        return self._tailor(messages, arrays, extra)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        self._keys = unet_parts(dict(arrays.items()))
+        return self._tailor(messages, arrays)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        good = [m for m in valid if self._reported_its_task(m)]
+        if not good or self._global is None:
+            return None, None
+        merged = {k: v for k, v in self._global.items()}
+        for part in ALL_PARTS:
+            reporters = [m for m in good if part in self.tasks[m.metadata.src_node_id]]
+            if not reporters:
+                continue
+            keys = self._keys[part]
+            subsets = [
+                RecordDict({"arrays": ArrayRecord({k: m.content[self.arrayrecord_key][k] for k in keys}),
+                            "metrics": m.content.metric_records[next(iter(m.content.metric_records))]})
+                for m in reporters
+            ]
+            merged.update(aggregate_arrayrecords(subsets, self.weighted_by_key).items())
+        self.initialized.update(m.metadata.src_node_id for m in good)
+        metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
+        return ArrayRecord(merged), metrics
+
+    def _reported_its_task(self, reply: Message) -> bool:
+        """A reply must carry exactly the keys of the parts its node was asked for."""
+        node = reply.metadata.src_node_id
+        if node not in self.tasks or len(reply.content.array_records) != 1 or not reply.content.metric_records:
+            log(WARNING, "dropping reply from node %d: no task, or not one ArrayRecord + MetricRecord", node)
+            return False
+        expected = set(parts_keys(self.tasks[node], self._keys))
+        got = set(reply.content[self.arrayrecord_key].keys())
+        if got != expected:
+            log(WARNING, "dropping reply from node %d: it reported %d keys, its task %s has %d",
+                node, len(got), "+".join(self.tasks[node]), len(expected))
+            return False
+        return True
+
+
+class USplit(PartFedAvg):
+    """Whole model down; each node reports a random part (pairs split encoder/decoder)."""
+
+    method = "usplit"
+
+    def __init__(self, *args: object, seed: int = 0, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.rng = random.Random(seed)
+
+    def assign(self, server_round: int, node_ids: list[int]) -> dict[int, tuple[str, ...]]:
+        tasks = usplit_assignment(sorted(node_ids), self.rng)
+        log(INFO, "USplit round %d tasks: %s", server_round, {n: "+".join(p) for n, p in tasks.items()})
+        return tasks
+
+
+class ULatDec(PartFedAvg):
+    """Bottleneck + decoder shared; each client's encoder stays private."""
+
+    method = "ulatdec"
+
+
+class UDec(PartFedAvg):
+    """Decoder shared; each client's encoder and bottleneck stay private."""
+
+    method = "udec"
