@@ -18,16 +18,50 @@ def _sample(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     model, cfg, payload = load_checkpoint(args.checkpoint, device=device)
+    clients = payload["extra"].get("clients") or {}
+    if args.client is not None:
+        if args.client not in clients:
+            known = ", ".join(map(str, sorted(clients))) or "none (not a personalized run)"
+            raise ValueError(f"{args.checkpoint} has no model for client {args.client}; clients: {known}")
+        model.load_state_dict(clients[args.client])
+    elif clients:
+        print(f"note: personalized run; sampling the server's model, pick a client with --client {min(clients)}")
     steps = args.steps if args.sampler == "ddim" else None
     samples = generate(
         model, build_diffusion(cfg), args.n, image_shape(cfg.data),
         kind=args.sampler, steps=steps, seed=args.seed, device=device, progress=True,
     )
+    who = f"-client{args.client}" if args.client is not None else ""
     out = args.out or Path(args.checkpoint).with_name(
-        f"{Path(args.checkpoint).stem}-{args.sampler}{steps or ''}-seed{args.seed}.png"
+        f"{Path(args.checkpoint).stem}{who}-{args.sampler}{steps or ''}-seed{args.seed}.png"
     )
     save_grid(samples, out)
     print(f"wrote {len(samples)} samples from round {payload['round']} to {out}")
+    return 0
+
+
+def _comm(args: argparse.Namespace) -> int:
+    from fedapp.methods import METHODS, cumulative_cost, round_cost
+    from fedapp.plots import plot_cumulative_comm
+    from fedapp.unet import UNet, part_sizes
+
+    mults = tuple(int(m) for m in args.dim_mults.split(","))
+    sizes = part_sizes(UNet(args.dim, mults, args.channels))
+    whole = sum(sizes.values())
+    print(f"UNet dim={args.dim} mults={args.dim_mults} channels={args.channels}: {whole:,} parameters "
+          + ", ".join(f"{p} {n:,} ({n / whole:.1%})" for p, n in sizes.items()))
+    print(f"K={args.clients} clients, all taking part, R={args.rounds} rounds; parameters down+up")
+    curves = {m: cumulative_cost(m, sizes, args.clients, args.rounds) for m in METHODS}
+    print(f"{'method':<9}{'round 1':>14}{'round 2+':>14}{'cumulative':>16}{'vs full':>10}")
+    for method, curve in curves.items():
+        first = round_cost(method, sizes, args.clients, first_round=True)
+        later = round_cost(method, sizes, args.clients, first_round=False)
+        cut = (1 - curve[-1] / curves["full"][-1]) or 0.0
+        print(f"{method:<9}{first.down + first.up:>14,.0f}{later.down + later.up:>14,.0f}"
+              f"{curve[-1]:>16,.0f}{-cut or 0.0:>10.1%}")
+    if args.plot:
+        title = f"cumulative communication, K={args.clients}, UNet {whole / 1e6:.2f} M"
+        print(f"plot: {plot_cumulative_comm(curves, args.plot, title)}")
     return 0
 
 
@@ -42,7 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always runs the full chain)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    sample.add_argument("--client", type=int, default=None,
+                        help="personalized runs: sample this client's own model (its partition id)")
     sample.set_defaults(func=_sample)
+
+    comm = sub.add_parser("comm", help="analytic communication of the four FedDiffuse methods")
+    comm.add_argument("--clients", type=int, default=10, help="K")
+    comm.add_argument("--rounds", type=int, default=15, help="R")
+    comm.add_argument("--dim", type=int, default=28)
+    comm.add_argument("--dim-mults", default="1,2,4")
+    comm.add_argument("--channels", type=int, default=1)
+    comm.add_argument("--plot", type=Path, default=None, help="write the cumulative plot (PNG) here")
+    comm.set_defaults(func=_comm)
     return parser
 
 

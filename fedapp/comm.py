@@ -9,6 +9,7 @@ from typing import Literal
 from flwr.app import RecordDict
 
 from fedapp.records import content_size
+from fedapp.unet import part_of
 
 Direction = Literal["down", "up"]
 _FIELDS = ("down_params", "down_bytes", "up_params", "up_bytes")
@@ -24,6 +25,7 @@ class Transfer:
     message_type: str
     params: int
     bytes: int
+    parts: tuple[str, ...] = ()
 
 
 class CommLedger:
@@ -35,7 +37,7 @@ class CommLedger:
     def add(self, server_round: int, node_id: int, direction: Direction, message_type: str,
             content: RecordDict | None) -> Transfer:
         params, nbytes = content_size(content) if content is not None else (0, 0)
-        transfer = Transfer(server_round, node_id, direction, message_type, params, nbytes)
+        transfer = Transfer(server_round, node_id, direction, message_type, params, nbytes, _parts(content))
         self.transfers.append(transfer)
         return transfer
 
@@ -83,6 +85,18 @@ class CommLedger:
 
     def rows(self) -> list[dict[str, object]]:
         return [asdict(t) for t in self.transfers]
+
+
+def _parts(content: RecordDict | None) -> tuple[str, ...]:
+    """Which UNet parts a message carried ('other' for arrays that are not UNet parameters)."""
+    found: set[str] = set()
+    for record in (content.array_records.values() if content is not None else ()):
+        for key in record.keys():
+            try:
+                found.add(part_of(key))
+            except KeyError:
+                found.add("other")
+    return tuple(sorted(found))
 
 
 def format_summary(ledger: CommLedger) -> str:

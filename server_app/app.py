@@ -13,6 +13,7 @@ from fedapp.builders import build_diffusion, build_model
 from fedapp.checkpoint import save_checkpoint
 from fedapp.comm import CommLedger, format_summary
 from fedapp.config import ConfigError, parse_config
+from fedapp.methods import is_personalized
 from fedapp.records import model_to_record
 from fedapp.rundir import RunDir
 from server_app.metering import MeteredGrid
@@ -36,7 +37,7 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(cfg, seed=cfg.seed)
     ledger = CommLedger()
     metered = MeteredGrid(grid, ledger)
-    recorder = RoundRecorder(cfg, run, model, build_diffusion(cfg), metered, ledger)
+    recorder = RoundRecorder(cfg, run, model, build_diffusion(cfg), metered, ledger, run_id=context.run_id)
     strategy = build_strategy(cfg)
     started = time.perf_counter()
     result = strategy.start(
@@ -46,10 +47,13 @@ def main(grid: Grid, context: Context) -> None:
         timeout=cfg.strategy.round_timeout,
         evaluate_fn=recorder,
     )
+    clients = recorder.client_models()
     final = save_checkpoint(
         run.path / "final.pt", cfg, cfg.train.rounds, recorder.model,
-        extra={"comm": ledger.rows(), "metrics": recorder.rows},
+        extra={"comm": ledger.rows(), "metrics": recorder.rows, "clients": clients},
     )
+    if is_personalized(cfg.strategy.name):
+        log(INFO, "final checkpoint holds %d client models (fedapp sample %s --client ID)", len(clients), final)
     log(INFO, "communication (array payload, all rounds):\n%s", format_summary(ledger))
     log(INFO, "fedapp finished in %.1f s; final checkpoint %s", time.perf_counter() - started, final)
     del result

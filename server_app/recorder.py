@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedapp.checkpoint import save_checkpoint
+from fedapp.client_metrics import mean_std_over_clients
 from fedapp.comm import CommLedger
 from fedapp.config import FedConfig
 from fedapp.datasets import DatasetNotFoundError, image_shape
 from fedapp.diffusion import Diffusion
 from fedapp.images import save_grid
 from fedapp.local_data import pool_partitioner
+from fedapp.methods import is_personalized
+from fedapp.node_state import collect_node_models, state_root
 from fedapp.partition import plot_label_distribution
 from fedapp.records import load_record
 from fedapp.rundir import RunDir
@@ -30,8 +35,9 @@ class RoundRecorder:
     """The strategy's ``evaluate_fn``: called for round 0 and after every round."""
 
     def __init__(self, cfg: FedConfig, run: RunDir, model: UNet, diffusion: Diffusion,
-                 grid: MeteredGrid, ledger: CommLedger) -> None:
+                 grid: MeteredGrid, ledger: CommLedger, run_id: int = 0) -> None:
         self.cfg, self.run, self.model, self.diffusion = cfg, run, model, diffusion
+        self.run_id = run_id
         self.grid, self.ledger = grid, ledger
         self.device = pick_device(cfg.train.device)
         self.started = time.perf_counter()
@@ -67,7 +73,9 @@ class RoundRecorder:
         )
         row["checkpoint"] = str(checkpoint.relative_to(self.run.path))
         if self.is_eval_round(server_round):
-            row["samples"] = str(self._samples(server_round).relative_to(self.run.path))
+            grid_path = self._samples(server_round)
+            if grid_path.exists():
+                row["samples"] = str(grid_path.relative_to(self.run.path))
         row["record_s"] = round(time.perf_counter() - now, 3)
         self.rows.append(row)
         self.run.append_jsonl(self.run.metrics_path, row)
@@ -82,7 +90,8 @@ class RoundRecorder:
         contents = self.grid.round_metrics(server_round, message_type)
         if not contents:
             return {}
-        merged = aggregate_metricrecords(contents, "num-examples")
+        personal = message_type == MessageType.EVALUATE and is_personalized(self.cfg.strategy.name)
+        merged = (mean_std_over_clients if personal else aggregate_metricrecords)(contents, "num-examples")
         skip = {"partition-id", "num-partitions"}  # identifiers, not metrics
         return {k: v for k, v in merged.items() if k not in skip and not isinstance(v, list)}  # type: ignore[misc]
 
@@ -95,16 +104,40 @@ class RoundRecorder:
         log(ERROR, "%s", message)
         raise SystemExit(f"fedapp: {message}")
 
+    def client_models(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Each client's own model, by partition id, where this machine can see the nodes' disks."""
+        if not is_personalized(self.cfg.strategy.name):
+            return {}
+        return collect_node_models(state_root(self.cfg.train.node_state_dir), self.run_id)
+
     def _samples(self, server_round: int) -> Path:
+        """The global model's grid; for personalized methods one row per client's own model."""
+        ev = self.cfg.eval
+        if not is_personalized(self.cfg.strategy.name):
+            samples = self._draw(self.model, ev.num_samples)
+            return save_grid(samples, self.run.samples_path(server_round))
+        clients = self.client_models()
+        if not clients:
+            log(WARNING, "no client model is visible from the server; no sample grid for round %d", server_round)
+            return self.run.samples_path(server_round)
+        per_client = max(1, ev.num_samples // len(clients))
+        personal = copy.deepcopy(self.model)
+        rows = []
+        for _, state in sorted(clients.items()):
+            personal.load_state_dict(state)
+            rows.append(self._draw(personal, per_client))
+        return save_grid(torch.cat(rows), self.run.samples_path(server_round), nrow=per_client)
+
+    def _draw(self, model: UNet, n: int) -> torch.Tensor:
         ev = self.cfg.eval
         samples = generate(
-            self.model, self.diffusion, ev.num_samples, image_shape(self.cfg.data),
+            model, self.diffusion, n, image_shape(self.cfg.data),
             kind=ev.sampler, steps=ev.sampler_steps if ev.sampler == "ddim" else None,
             seed=self.cfg.seed, device=self.device, batch_size=ev.batch_size,
             progress=self.cfg.output.progress,
         )
-        self.model.to("cpu")
-        return save_grid(samples, self.run.samples_path(server_round))
+        model.to("cpu")
+        return samples
 
     def _plot_labels_once(self, server_round: int) -> None:
         """The clients report num-partitions, so the plot matches the real split."""

@@ -9,7 +9,6 @@ averages each part over the nodes that reported it, weighted by their examples.
 from __future__ import annotations
 
 import random
-import statistics
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -19,24 +18,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fedapp.client_metrics import mean_std_over_clients
 from fedapp.methods import ALL_PARTS, SHARED_PARTS, is_personalized, parts_keys, usplit_assignment
 from fedapp.unet import unet_parts
-
-
-def mean_std_over_clients(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Unweighted mean and standard deviation of each metric over clients (personal models)."""
-    values: dict[str, list[float]] = {}
-    for record in records:
-        for metrics in record.metric_records.values():
-            for key, value in metrics.items():
-                if key != weighted_by_key and isinstance(value, int | float):
-                    values.setdefault(key, []).append(float(value))
-    out: dict[str, float] = {}
-    for key, vals in values.items():
-        out[key] = statistics.fmean(vals)
-        out[f"{key}-std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-    out["clients"] = float(len(records))
-    return MetricRecord(out)
 
 
 class PartFedAvg(FedAvg):

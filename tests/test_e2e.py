@@ -14,6 +14,7 @@ import torch
 from fedapp.checkpoint import load_checkpoint
 from fedapp.config import parse_config
 from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
+from fedapp.methods import private_parts, round_cost
 from fedapp.rundir import read_jsonl
 from fedapp.unet import part_sizes
 from flwr_harness import flwr_home, flwr_run
@@ -84,3 +85,51 @@ def test_flwr_run_leaves_a_complete_run_directory(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert grid.stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def shared_flwr(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One SuperLink for the per-method runs; it is stopped by PID afterwards."""
+    tmp = tmp_path_factory.mktemp("methods")
+    with flwr_home(tmp) as env:
+        yield tmp, env
+
+
+@pytest.mark.parametrize("method", ["usplit", "ulatdec", "udec"])
+def test_each_feddiffuse_method_runs_end_to_end(shared_flwr, method: str) -> None:  # type: ignore[no-untyped-def]
+    tmp, env = shared_flwr
+    runs = tmp / "runs"
+    config = {**TINY, "strategy.name": method, "output.dir": str(runs), "output.name": method,
+              "train.node-state-dir": str(tmp / "nodes")}
+    done = flwr_run(env, config, 2, timeout=600)
+    run = runs / method
+    assert (run / "final.pt").is_file(), (done.stdout + done.stderr)[-4000:]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+
+    model, cfg, payload = load_checkpoint(run / "final.pt")
+    sizes = part_sizes(model)
+    for row in rows:
+        measured = row["comm"]["train"]["round"]
+        expected = round_cost(method, sizes, 2, first_round=row["round"] == 1)
+        assert (measured["down_params"], measured["up_params"]) == (expected.down, expected.up)
+
+    private = set(private_parts(method))
+    transfers = read_jsonl(run / "comm.jsonl")
+    for t in transfers:
+        if t["direction"] == "up" or t["server_round"] > 1:
+            assert not private & set(t["parts"]), f"private parts travelled: {t}"
+
+    clients = payload["extra"]["clients"]
+    if private:
+        assert sorted(clients) == [0, 1] and "evaluate" in rows[-1] and "eval-loss-std" in rows[-1]["evaluate"]
+        grid = tmp / f"{method}-client1.png"
+        out = subprocess.run(
+            [sys.executable, "-m", "fedapp", "sample", str(run / "final.pt"), "--client", "1",
+             "--n", "4", "--steps", "4", "--out", str(grid)],
+            capture_output=True, text=True, check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert grid.stat().st_size > 0
+    else:
+        assert clients == {}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The four FedDiffuse methods on the same data, seed and budget (the default config),
+# one simulation each. Usage: scripts/compare_methods.sh OUT_DIR [extra run-config]
+set -euo pipefail
+out=$(realpath -m "${1:?usage: $0 OUT_DIR [extra run-config]}")
+extra=${2:-}
+cd "$(dirname "$0")/.."
+export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+for method in full usplit ulatdec udec; do
+  .venv/bin/flwr run . --stream --federation-config "num-supernodes=5" \
+    --run-config "strategy.name=\"$method\" output.dir=\"$out\" output.name=\"$method\" output.progress=false $extra" \
+    > "$out-$method.log" 2>&1
+  echo "$method: $(grep -c '"round"' "$out/$method/metrics.jsonl" 2>/dev/null || echo 0) rounds recorded"
+done
