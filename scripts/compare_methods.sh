@@ -7,8 +7,9 @@ extra=${2:-}
 cd "$(dirname "$0")/.."
 export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export PATH="$PWD/.venv/bin:$PATH"  # flwr starts flower-superlink from PATH
 for method in full usplit ulatdec udec; do
-  .venv/bin/flwr run . --stream --federation-config "num-supernodes=5" \
+  flwr run . --stream --federation-config "num-supernodes=5" \
     --run-config "strategy.name=\"$method\" output.dir=\"$out\" output.name=\"$method\" output.progress=false $extra" \
     > "$out-$method.log" 2>&1
   echo "$method: $(grep -c '"round"' "$out/$method/metrics.jsonl" 2>/dev/null || echo 0) rounds recorded"
