@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from fedapp.builders import build_diffusion, build_model
 from fedapp.config import FedConfig, parse_config
 from fedapp.local_data import LocalData, local_data
-from fedapp.methods import ALL_PARTS, is_personalized, parts_keys
+from fedapp.methods import ALL_PARTS, is_personalized, parts_keys, private_parts
 from fedapp.node_state import load_node_model, node_dir, save_node_model, state_root
 from fedapp.records import load_record, model_to_record
 from fedapp.training import denoising_loss, pick_device, train_local
@@ -59,20 +59,27 @@ def report_parts(config: Mapping[str, object]) -> tuple[str, ...]:
 
 
 def personal_model(cfg: FedConfig, msg: Message, context: Context) -> tuple[UNet, Path]:
-    """The global arrays received, completed by this node's own saved parts where needed."""
+    """The global arrays received, with this node's own saved parts where it keeps private ones.
+
+    Once a node has trained, its private parts come from its disk even if the server sends
+    them (as it does again after a lost reply), so they are never reset to the server's copy.
+    """
     model = build_model(cfg)
     incoming = msg.content["arrays"]
     directory = node_dir(state_root(cfg.train.node_state_dir), context.run_id, context.node_id)
-    missing = set(model.state_dict()) - set(incoming.keys())
-    if missing:
-        saved = load_node_model(directory)
-        if saved is None:
-            raise RuntimeError(
-                f"node {context.node_id} received {len(incoming)} of {len(missing) + len(incoming)} arrays "
-                f"but has no saved model of its own in {directory}"
-            )
-        model.load_state_dict({k: v for k, v in saved["model"].items() if k in missing}, strict=False)
+    own = set(model.state_dict())
+    missing = own - set(incoming.keys())
+    keep = set(parts_keys(private_parts(cfg.strategy.name), unet_parts(model)))
+    saved = load_node_model(directory) if (missing or keep) else None
+    if missing and saved is None:
+        raise RuntimeError(
+            f"node {context.node_id} received {len(incoming)} of {len(own)} arrays "
+            f"but has no saved model of its own in {directory}"
+        )
     load_record(model, incoming, strict=not missing)
+    if saved is not None:
+        take = missing | keep
+        model.load_state_dict({k: v for k, v in saved["model"].items() if k in take}, strict=False)
     return model, directory
 
 
@@ -126,5 +133,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         model, build_diffusion(cfg), images,
         batch_size=cfg.eval.batch_size, seed=cfg.seed + 7 * pid, device=device,
     )
-    metrics = MetricRecord({"num-examples": len(images), "eval-loss": loss, "partition-id": pid})
+    metrics = MetricRecord({"num-examples": len(images), "eval-loss": loss})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -6,14 +6,18 @@ import statistics
 
 from flwr.app import MetricRecord, RecordDict
 
+# Keys clients report to identify themselves: not metrics, never averaged.
+IDENTIFIERS = ("partition-id", "num-partitions")
+
 
 def mean_std_over_clients(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Unweighted mean and standard deviation of each metric over clients (personal models)."""
+    skip = {weighted_by_key, *IDENTIFIERS}
     values: dict[str, list[float]] = {}
     for record in records:
         for metrics in record.metric_records.values():
             for key, value in metrics.items():
-                if key != weighted_by_key and isinstance(value, int | float):
+                if key not in skip and isinstance(value, int | float):
                     values.setdefault(key, []).append(float(value))
     out: dict[str, float] = {}
     for key, vals in values.items():

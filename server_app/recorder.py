@@ -13,7 +13,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedapp.checkpoint import save_checkpoint
-from fedapp.client_metrics import mean_std_over_clients
+from fedapp.client_metrics import IDENTIFIERS, mean_std_over_clients
 from fedapp.comm import CommLedger
 from fedapp.config import FedConfig
 from fedapp.datasets import DatasetNotFoundError, image_shape
@@ -92,8 +92,7 @@ class RoundRecorder:
             return {}
         personal = message_type == MessageType.EVALUATE and is_personalized(self.cfg.strategy.name)
         merged = (mean_std_over_clients if personal else aggregate_metricrecords)(contents, "num-examples")
-        skip = {"partition-id", "num-partitions"}  # identifiers, not metrics
-        return {k: v for k, v in merged.items() if k not in skip and not isinstance(v, list)}  # type: ignore[misc]
+        return {k: v for k, v in merged.items() if k not in IDENTIFIERS and not isinstance(v, list)}  # type: ignore[misc]
 
     def _stop_without_updates(self, server_round: int) -> None:
         """Rounds with no model from any client would only repeat the failure; stop with its reason."""

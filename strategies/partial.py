@@ -94,18 +94,33 @@ class PartFedAvg(FedAvg):
         return ArrayRecord(merged), metrics
 
     def _reported_its_task(self, reply: Message) -> bool:
-        """A reply must carry exactly the keys of the parts its node was asked for."""
+        """A reply must carry exactly its task's keys, in the global shapes, and a usable weight."""
         node = reply.metadata.src_node_id
-        if node not in self.tasks or len(reply.content.array_records) != 1 or not reply.content.metric_records:
-            log(WARNING, "dropping reply from node %d: no task, or not one ArrayRecord + MetricRecord", node)
-            return False
+        problem = self._task_problem(node, reply.content)
+        if problem:
+            log(WARNING, "dropping reply from node %d: %s", node, problem)
+        return problem is None
+
+    def _task_problem(self, node: int, content: RecordDict) -> str | None:
+        if node not in self.tasks:
+            return "the node had no task this round"
+        if self.arrayrecord_key not in content.array_records or len(content.array_records) != 1:
+            return f"expected one ArrayRecord named {self.arrayrecord_key!r}"
+        metrics = list(content.metric_records.values())
+        weight = metrics[0].get(self.weighted_by_key) if len(metrics) == 1 else None
+        if not isinstance(weight, int | float) or not weight > 0:
+            return f"expected one MetricRecord with a positive {self.weighted_by_key!r}"
         expected = set(parts_keys(self.tasks[node], self._keys))
-        got = set(reply.content[self.arrayrecord_key].keys())
+        arrays = content[self.arrayrecord_key]
+        got = set(arrays.keys())
         if got != expected:
-            log(WARNING, "dropping reply from node %d: it reported %d keys, its task %s has %d",
-                node, len(got), "+".join(self.tasks[node]), len(expected))
-            return False
-        return True
+            return (f"it reported {len(got)} keys, its task {'+'.join(self.tasks[node])} has {len(expected)} "
+                    f"(unexpected {sorted(got - expected)[:2]}, missing {sorted(expected - got)[:2]})")
+        assert self._global is not None
+        for key in got:
+            if tuple(arrays[key].shape) != tuple(self._global[key].shape):
+                return f"array {key!r} has shape {tuple(arrays[key].shape)}, expected {tuple(self._global[key].shape)}"
+        return None
 
 
 class USplit(PartFedAvg):

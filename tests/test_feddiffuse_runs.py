@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import MessageType
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from inprocess import RUN_ID, run_inprocess
 
 from fedapp.builders import build_model
 from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.methods import ALL_PARTS, SHARED_PARTS, private_parts, round_cost
 from fedapp.node_state import load_node_model, node_dir
+from fedapp.records import model_to_record
 from fedapp.unet import part_of, part_sizes
 
 pytestmark = [
@@ -73,7 +74,6 @@ def test_a_node_without_its_saved_parts_refuses_to_guess(tmp_path: Path) -> None
     msg = run.sent[0]
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    from fedapp.records import model_to_record
 
     model = build_model(run.cfg)
     shared_only = model_to_record(model, keys=[k for k in model.state_dict() if part_of(k) == "decoder"])
@@ -118,3 +118,23 @@ def test_shared_scope_freezes_what_a_client_does_not_report(tmp_path: Path) -> N
     for key, value in saved["model"].items():  # type: ignore[union-attr]
         same = torch.equal(value, torch.from_numpy(initial[key].numpy()))
         assert same == (part_of(key) != "decoder"), key
+
+
+def test_private_parts_survive_the_server_resending_the_whole_model(tmp_path: Path) -> None:
+    """After a lost reply the server sends the whole model again; the node keeps its own parts."""
+    run, initial, _ = run_inprocess(tmp_path, nodes=2, **{"strategy.name": "ulatdec", "train.rounds": 1})
+    node = run.node_ids[0]
+    directory = node_dir(tmp_path / "nodes", RUN_ID, node)
+    before = load_node_model(directory)
+    assert before is not None
+    resend = Message(RecordDict({"arrays": initial, "config": ConfigRecord({"server-round": 2})}),
+                     message_type=MessageType.TRAIN, dst_node_id=node)
+    run.cfg = run.cfg.model_copy(update={"train": run.cfg.train.model_copy(update={"lr": 1e-12})})
+    run.respond(resend)
+    after = load_node_model(directory)
+    assert after is not None
+    for key, value in after["model"].items():  # type: ignore[union-attr]
+        if part_of(key) == "encoder" and value.ndim > 1:
+            # lr ~ 0: the encoder is the node's own trained one, not the server's initialization
+            assert torch.allclose(value, before["model"][key], atol=1e-6)  # type: ignore[index]
+            assert not torch.equal(value, torch.from_numpy(initial[key].numpy()))

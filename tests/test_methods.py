@@ -109,6 +109,18 @@ def test_usplit_roles_change_from_round_to_round() -> None:
         encoder_share = sum(n for parts, n in roles.items() if ENC in parts) / len(rounds)
         assert 0.4 < encoder_share < 0.6
     assert len({tuple(sorted(tasks.items())) for tasks in rounds[:10]}) > 1
+    # Pairs are redrawn: any two nodes sometimes report the same end (so they were not paired).
+    for a in nodes:
+        for b in nodes[a + 1:]:
+            assert any((ENC in tasks[a]) == (ENC in tasks[b]) for tasks in rounds), (a, b)
+
+
+def test_usplit_odd_client_is_redrawn_every_round() -> None:
+    rng = random.Random(2)
+    rounds = [usplit_assignment([0, 1, 2], rng) for _ in range(200)]
+    for node in (0, 1, 2):
+        # Only a pair member can go without the bottleneck: every node is sometimes in the pair.
+        assert any(BOT not in tasks[node] for tasks in rounds), node
 
 
 def test_usplit_bottleneck_goes_to_either_member_of_a_pair() -> None:
