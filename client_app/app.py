@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from fedapp.config import FedConfig, parse_config
 from fedapp.local_data import LocalData, local_data
 from fedapp.methods import ALL_PARTS, is_personalized, parts_keys, private_parts
 from fedapp.node_state import load_node_model, node_dir, save_node_model, state_root
+from fedapp.quality import QualityMeter
 from fedapp.records import load_record, model_to_record
 from fedapp.training import denoising_loss, pick_device, train_local
 from fedapp.unet import UNet, unet_parts
@@ -134,4 +136,14 @@ def evaluate(msg: Message, context: Context) -> Message:
         batch_size=cfg.eval.batch_size, seed=cfg.seed + 7 * pid, device=device,
     )
     metrics = MetricRecord({"num-examples": len(images), "eval-loss": loss})
+    server_round = int(msg.content["config"].get("server-round", 0))
+    if is_personalized(cfg.strategy.name) and cfg.eval.is_eval_round(server_round, cfg.train.rounds):
+        scores, _ = quality_meter(cfg, device).measure(model, build_diffusion(cfg))
+        metrics.update(scores)  # the server reports their mean ± std over clients
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@lru_cache(maxsize=2)
+def quality_meter(cfg: FedConfig, device: torch.device) -> QualityMeter:
+    """One per process, so a ClientApp that serves many rounds loads its feature networks once."""
+    return QualityMeter(cfg, device)

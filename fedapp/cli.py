@@ -45,6 +45,8 @@ def _comm(args: argparse.Namespace) -> int:
     from fedapp.plots import plot_cumulative_comm
     from fedapp.unet import UNet, part_sizes
 
+    if args.check:
+        return _check_comm(args.check)
     mults = tuple(int(m) for m in args.dim_mults.split(","))
     sizes = part_sizes(UNet(args.dim, mults, args.channels))
     whole = sum(sizes.values())
@@ -62,6 +64,45 @@ def _comm(args: argparse.Namespace) -> int:
     if args.plot:
         title = f"cumulative communication, K={args.clients}, UNet {whole / 1e6:.2f} M"
         print(f"plot: {plot_cumulative_comm(curves, args.plot, title)}")
+    return 0
+
+
+def _check_comm(runs: list[Path]) -> int:
+    """Measured training traffic of finished runs against the analytic count for their own setup."""
+    import tomllib
+
+    from fedapp.builders import build_model
+    from fedapp.config import parse_config
+    from fedapp.methods import cumulative_cost
+    from fedapp.rundir import read_jsonl
+    from fedapp.unet import part_sizes
+
+    print(f"{'run':<28}{'method':<9}{'K':>4}{'R':>4}{'measured':>16}{'analytic':>16}  match")
+    mismatched = 0
+    for run in runs:
+        if not (run / "config.toml").is_file() or not (run / "metrics.jsonl").is_file():
+            raise ValueError(f"{run} is not a finished run directory (config.toml, metrics.jsonl)")
+        cfg = parse_config(tomllib.loads((run / "config.toml").read_text()))
+        rows = [r for r in read_jsonl(run / "metrics.jsonl") if "train" in r.get("comm", {})]
+        if not rows:
+            raise ValueError(f"{run}: no round with measured training traffic (a centralized run?)")
+        first = read_jsonl(run / "comm.jsonl")
+        clients = len({t["node_id"] for t in first if t["server_round"] == 1 and t["message_type"] == "train"})
+        cum = rows[-1]["comm"]["train"]["cumulative"]
+        measured = cum["down_params"] + cum["up_params"]
+        sizes = part_sizes(build_model(cfg))
+        analytic = cumulative_cost(cfg.strategy.name, sizes, clients, int(rows[-1]["round"]))[-1]
+        ok = measured == analytic
+        mismatched += not ok
+        print(f"{run.name:<28}{cfg.strategy.name:<9}{clients:>4}{rows[-1]['round']:>4}{measured:>16,}"
+              f"{analytic:>16,.0f}  {'yes' if ok else 'NO'}")
+    return 1 if mismatched else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedapp.report import write_report
+
+    print(write_report(args.runs, args.out))
     return 0
 
 
@@ -87,7 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     comm.add_argument("--dim-mults", default="1,2,4")
     comm.add_argument("--channels", type=int, default=1)
     comm.add_argument("--plot", type=Path, default=None, help="write the cumulative plot (PNG) here")
+    comm.add_argument("--check", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+                      help="compare finished runs' measured training traffic with the analytic count "
+                           "for their own model, method, K and R (exit 1 on any mismatch)")
     comm.set_defaults(func=_comm)
+
+    report = sub.add_parser("report", help="Markdown report with figures comparing run directories")
+    report.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, default=Path("report"),
+                        help="folder for report.md and its figures (default: ./report)")
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -93,7 +93,8 @@ class TrainConfig(_Section):
 class StrategyConfig(_Section):
     """Which aggregation method, and how many nodes take part."""
 
-    name: Literal["full", "usplit", "ulatdec", "udec"] = "full"
+    # centralized: the same model, data and epochs in one process, the baseline of every comparison
+    name: Literal["full", "usplit", "ulatdec", "udec", "centralized"] = "full"
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_nodes: int = Field(2, ge=1)
@@ -109,6 +110,18 @@ class EvalConfig(_Section):
     sampler_steps: int = Field(50, ge=1)
     max_val_examples: int = Field(512, ge=0)
     batch_size: int = Field(256, ge=1)
+    # Fréchet metrics on eval rounds: N generated images per model (0 turns them off).
+    metric_samples: int = Field(1000, ge=0, le=100_000)
+    fd_cnn: bool = True  # offline: features of fedapp's own Fashion-MNIST classifier
+    fid: Literal["off", "auto", "required"] = "auto"  # Inception FID: auto skips it without weights
+    fid_weights: str = ""  # a local pt_inception-2015-12-05 file; tried before the hub cache
+    reference_split: Literal["train", "test"] = "test"
+    max_reference_examples: int = Field(0, ge=0)  # 0: the whole split; else a seeded subset
+    stats_dir: str = ""  # cached real statistics; default <data cache>/frechet-stats
+
+    def is_eval_round(self, server_round: int, rounds: int) -> bool:
+        """Grids and metrics every ``every`` rounds and always after the last one."""
+        return self.every > 0 and (server_round % self.every == 0 or server_round == rounds)
 
 
 class OutputConfig(_Section):
@@ -217,5 +230,10 @@ def parse_config(run_config: Mapping[str, Any]) -> FedConfig:
         raise ConfigError(
             f"invalid config: eval.sampler-steps = {ev.sampler_steps}: DDIM steps must divide "
             f"diffusion.timesteps ({cfg.diffusion.timesteps}), e.g. 10, 20, 50, 100"
+        )
+    if ev.metric_samples and ev.metric_samples < 2:
+        raise ConfigError(
+            f"invalid config: eval.metric-samples = {ev.metric_samples}: a covariance needs at least 2 "
+            "images (use 0 to turn the Fréchet metrics off)"
         )
     return cfg

@@ -26,7 +26,7 @@ METHODS: tuple[str, ...] = tuple(SHARED_PARTS)
 
 def private_parts(method: str) -> tuple[str, ...]:
     """Parts a client keeps to itself across rounds (never sent after its first round)."""
-    return tuple(p for p in ALL_PARTS if p not in SHARED_PARTS[method])
+    return tuple(p for p in ALL_PARTS if p not in SHARED_PARTS.get(method, ALL_PARTS))
 
 
 def is_personalized(method: str) -> bool:

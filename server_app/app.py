@@ -10,6 +10,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedapp.builders import build_diffusion, build_model
+from fedapp.centralized import run_centralized
 from fedapp.checkpoint import save_checkpoint
 from fedapp.comm import CommLedger, format_summary
 from fedapp.config import ConfigError, parse_config
@@ -34,6 +35,11 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedapp run directory: %s", run.path)
     print(f"fedapp run directory: {run.path}", flush=True)
 
+    if cfg.strategy.name == "centralized":
+        num = cfg.data.num_partitions or len(grid.get_node_ids())
+        rows = run_centralized(cfg, run, max(num, 1))
+        log(INFO, "centralized baseline finished: %d rounds in %s", len(rows), run.path)
+        return
     model = build_model(cfg, seed=cfg.seed)
     ledger = CommLedger()
     metered = MeteredGrid(grid, ledger)

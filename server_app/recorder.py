@@ -16,16 +16,17 @@ from fedapp.checkpoint import save_checkpoint
 from fedapp.client_metrics import IDENTIFIERS, mean_std_over_clients
 from fedapp.comm import CommLedger
 from fedapp.config import FedConfig
-from fedapp.datasets import DatasetNotFoundError, image_shape
+from fedapp.datasets import DatasetNotFoundError
 from fedapp.diffusion import Diffusion
+from fedapp.frechet import METRIC_NAMES
 from fedapp.images import save_grid
 from fedapp.local_data import pool_partitioner
 from fedapp.methods import is_personalized
 from fedapp.node_state import collect_node_models, state_root
 from fedapp.partition import plot_label_distribution
+from fedapp.quality import QualityMeter, sampler_label
 from fedapp.records import load_record
 from fedapp.rundir import RunDir
-from fedapp.sampling import generate
 from fedapp.training import pick_device
 from fedapp.unet import UNet
 from server_app.metering import MeteredGrid
@@ -44,10 +45,7 @@ class RoundRecorder:
         self.last = self.started
         self.rows: list[dict[str, object]] = []
         self.label_plot_done = False
-
-    def is_eval_round(self, server_round: int) -> bool:
-        every = self.cfg.eval.every
-        return every > 0 and (server_round % every == 0 or server_round == self.cfg.train.rounds)
+        self.meter = QualityMeter(cfg, self.device)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -72,8 +70,10 @@ class RoundRecorder:
             extra={"comm": self.ledger.rows(), "metrics": self.rows + [row]},
         )
         row["checkpoint"] = str(checkpoint.relative_to(self.run.path))
-        if self.is_eval_round(server_round):
-            grid_path = self._samples(server_round)
+        if self.cfg.eval.is_eval_round(server_round, self.cfg.train.rounds):
+            quality, grid_path = self._quality(server_round, row["evaluate"])  # type: ignore[arg-type]
+            if quality:
+                row["quality"] = quality
             if grid_path.exists():
                 row["samples"] = str(grid_path.relative_to(self.run.path))
         row["record_s"] = round(time.perf_counter() - now, 3)
@@ -109,34 +109,44 @@ class RoundRecorder:
             return {}
         return collect_node_models(state_root(self.cfg.train.node_state_dir), self.run_id)
 
-    def _samples(self, server_round: int) -> Path:
-        """The global model's grid; for personalized methods one row per client's own model."""
+    def _quality(self, server_round: int, evaluate: dict[str, float]) -> tuple[dict[str, object], Path]:
+        """Metrics and grid: the global model's here, or the clients' own (they score themselves)."""
         ev = self.cfg.eval
+        path = self.run.samples_path(server_round)
+        quality: dict[str, object] = {}
         if not is_personalized(self.cfg.strategy.name):
-            samples = self._draw(self.model, ev.num_samples)
-            return save_grid(samples, self.run.samples_path(server_round))
-        clients = self.client_models()
-        if not clients:
-            log(WARNING, "no client model is visible from the server; no sample grid for round %d", server_round)
-            return self.run.samples_path(server_round)
-        per_client = max(1, ev.num_samples // len(clients))
-        personal = copy.deepcopy(self.model)
-        rows = []
-        for _, state in sorted(clients.items()):
-            personal.load_state_dict(state)
-            rows.append(self._draw(personal, per_client))
-        return save_grid(torch.cat(rows), self.run.samples_path(server_round), nrow=per_client)
+            scores, samples = self._measure(self.model, ev.num_samples)
+            save_grid(samples, path)
+            quality.update(scores)
+        else:
+            for key in [k for k in evaluate if k.removesuffix("-std") in METRIC_NAMES]:
+                quality[key] = evaluate.pop(key)
+            if quality:
+                quality["clients"] = evaluate.get("clients", 0.0)
+            clients = self.client_models()
+            if clients:
+                per_client = max(1, ev.num_samples // len(clients))
+                personal = copy.deepcopy(self.model)
+                rows = []
+                for _, state in sorted(clients.items()):
+                    personal.load_state_dict(state)
+                    rows.append(self.meter.draw(personal, self.diffusion, per_client))
+                save_grid(torch.cat(rows), path, nrow=per_client)
+            else:
+                log(WARNING, "no client model is visible from the server; no sample grid for round %d",
+                    server_round)
+        if any(k in quality for k in METRIC_NAMES):
+            quality.update({"samples": ev.metric_samples, "sampler": sampler_label(self.cfg)})
+        return quality, path
 
-    def _draw(self, model: UNet, n: int) -> torch.Tensor:
-        ev = self.cfg.eval
-        samples = generate(
-            model, self.diffusion, n, image_shape(self.cfg.data),
-            kind=ev.sampler, steps=ev.sampler_steps if ev.sampler == "ddim" else None,
-            seed=self.cfg.seed, device=self.device, batch_size=ev.batch_size,
-            progress=self.cfg.output.progress,
-        )
-        model.to("cpu")
-        return samples
+    def _measure(self, model: UNet, keep: int) -> tuple[dict[str, float], torch.Tensor]:
+        """A metric that cannot run here (no real data on this server) is skipped, not fatal."""
+        try:
+            return self.meter.measure(model, self.diffusion, keep=keep)
+        except DatasetNotFoundError as err:
+            log(WARNING, "Fréchet metrics skipped: the server has no real data for the statistics (%s)", err)
+            self.meter.spaces.clear()
+            return {}, self.meter.draw(model, self.diffusion, keep)
 
     def _plot_labels_once(self, server_round: int) -> None:
         """The clients report num-partitions, so the plot matches the real split."""

@@ -29,7 +29,7 @@ def tiny_config(tmp_path: Path, **overrides: Any) -> FedConfig:
     base: dict[str, Any] = {
         "model.dim": 8, "model.dim-mults": "1,2", "data.max-train-examples": 120,
         "train.rounds": 3, "train.batch-size": 16, "train.max-steps-per-round": 2, "train.lr": 1e-3,
-        "eval.max-val-examples": 8, "output.progress": False,
+        "eval.max-val-examples": 8, "eval.metric-samples": 0, "eval.fid": "off", "output.progress": False,
         "train.node-state-dir": str(tmp_path / "nodes"), "output.dir": str(tmp_path / "runs"),
     }
     return parse_config({**base, **overrides})

@@ -37,6 +37,9 @@ TINY = {
     "eval.num-samples": 4,
     "eval.sampler-steps": 4,
     "eval.max-val-examples": 32,
+    "eval.metric-samples": 16,
+    "eval.fid": "off",
+    "eval.max-reference-examples": 500,
     "output.name": "e2e",
     "output.progress": False,
 }
@@ -49,7 +52,8 @@ def test_flwr_run_leaves_a_complete_run_directory(tmp_path: Path) -> None:
         assert "train.lr" in bad.stdout + bad.stderr, bad.stdout[-3000:]
         assert not runs.exists(), "an invalid config must stop the run before anything is written"
 
-        done = flwr_run(env, {**TINY, "output.dir": str(runs)}, 2, timeout=600)
+        done = flwr_run(env, {**TINY, "output.dir": str(runs), "eval.stats-dir": str(tmp_path / "stats")}, 2,
+                        timeout=600)
     log = done.stdout + done.stderr
     run = runs / "e2e"
     assert run.is_dir(), log[-4000:]
@@ -65,6 +69,7 @@ def test_flwr_run_leaves_a_complete_run_directory(tmp_path: Path) -> None:
         assert math.isfinite(row["evaluate"]["eval-loss"])
         assert (run / row["checkpoint"]).is_file()
         assert (run / row["samples"]).stat().st_size > 0
+        assert row["quality"]["fd-cnn"] > 0 and row["quality"]["samples"] == 16  # the server scored it
 
     model, ckpt_cfg, payload = load_checkpoint(run / "final.pt")
     assert payload["round"] == 2 and ckpt_cfg == cfg
@@ -100,7 +105,7 @@ def test_each_feddiffuse_method_runs_end_to_end(shared_flwr, method: str) -> Non
     tmp, env = shared_flwr
     runs = tmp / "runs"
     config = {**TINY, "strategy.name": method, "output.dir": str(runs), "output.name": method,
-              "train.node-state-dir": str(tmp / "nodes")}
+              "train.node-state-dir": str(tmp / "nodes"), "eval.stats-dir": str(tmp / "stats")}
     done = flwr_run(env, config, 2, timeout=600)
     run = runs / method
     assert (run / "final.pt").is_file(), (done.stdout + done.stderr)[-4000:]
@@ -123,6 +128,8 @@ def test_each_feddiffuse_method_runs_end_to_end(shared_flwr, method: str) -> Non
     clients = payload["extra"]["clients"]
     if private:
         assert sorted(clients) == [0, 1] and "evaluate" in rows[-1] and "eval-loss-std" in rows[-1]["evaluate"]
+        quality = rows[-1]["quality"]  # each client scored its own model
+        assert quality["clients"] == 2 and quality["fd-cnn"] > 0 and quality["fd-cnn-std"] >= 0
         grid = tmp / f"{method}-client1.png"
         out = subprocess.run(
             [sys.executable, "-m", "fedapp", "sample", str(run / "final.pt"), "--client", "1",
@@ -132,4 +139,31 @@ def test_each_feddiffuse_method_runs_end_to_end(shared_flwr, method: str) -> Non
         assert out.returncode == 0, out.stderr
         assert grid.stat().st_size > 0
     else:
-        assert clients == {}
+        assert clients == {} and rows[-1]["quality"]["fd-cnn"] > 0 and "fd-cnn-std" not in rows[-1]["quality"]
+
+
+def test_centralized_baseline_then_the_report_over_every_run(shared_flwr) -> None:  # type: ignore[no-untyped-def]
+    """The baseline is one setting of the same app; the report reads real run directories."""
+    tmp, env = shared_flwr
+    runs = tmp / "runs"
+    config = {**TINY, "strategy.name": "centralized", "output.dir": str(runs), "output.name": "centralized",
+              "eval.stats-dir": str(tmp / "stats")}
+    done = flwr_run(env, config, 2, timeout=600)
+    run = runs / "centralized"
+    assert (run / "final.pt").is_file(), (done.stdout + done.stderr)[-4000:]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["comm"] == {}
+    assert rows[-1]["quality"]["fd-cnn"] > 0 and "centralized baseline" in done.stdout + done.stderr
+
+    out = tmp / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "fedapp", "report", *sorted(str(p) for p in runs.iterdir()), "--out", str(out)],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    text = (out / "report.md").read_text()
+    for path in runs.iterdir():
+        assert path.name in text
+    assert "centralized (baseline)" in text and "FD-CNN" in text and "42.53" in text
+    for png in ("samples.png", "communication.png", "quality-fd-cnn.png"):
+        assert (out / png).stat().st_size > 0

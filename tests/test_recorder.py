@@ -10,6 +10,7 @@ from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from fedapp.builders import build_diffusion, build_model
 from fedapp.comm import CommLedger
 from fedapp.config import FedConfig, parse_config
+from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.records import model_to_record
 from fedapp.rundir import RunDir, read_jsonl
 from flower_mocks import FakeGrid
@@ -18,14 +19,17 @@ from server_app.recorder import RoundRecorder
 from strategies import build_strategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
+needs_fmnist = pytest.mark.skipif(not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
+                                  reason="apt-get install dataset-fashion-mnist")
 
 
-def tiny_config(tmp_path: Path) -> FedConfig:
-    return parse_config({
+def tiny_config(tmp_path: Path, **extra: object) -> FedConfig:
+    return parse_config({**{
         "model.dim": 8, "model.dim-mults": "1,2", "train.rounds": 2, "data.max-train-examples": 200, "eval.every": 2,
-        "eval.num-samples": 4, "eval.sampler-steps": 4, "output.dir": str(tmp_path),
+        "eval.num-samples": 4, "eval.sampler-steps": 4, "eval.metric-samples": 0, "eval.fid": "off",
+        "output.dir": str(tmp_path),
         "output.name": "rec", "output.progress": False,
-    })
+    }, **extra})
 
 
 def echo_client(msg: Message) -> Message:
@@ -39,8 +43,8 @@ def echo_client(msg: Message) -> Message:
     return Message(content, reply_to=msg)
 
 
-def run(tmp_path: Path, respond) -> tuple[RunDir, RoundRecorder]:  # type: ignore[no-untyped-def]
-    cfg = tiny_config(tmp_path)
+def run(tmp_path: Path, respond, **extra: object) -> tuple[RunDir, RoundRecorder]:  # type: ignore[no-untyped-def]
+    cfg = tiny_config(tmp_path, **extra)
     run_dir = RunDir.create(cfg)
     model = build_model(cfg, seed=0)
     ledger = CommLedger()
@@ -72,3 +76,31 @@ def test_a_round_in_which_every_client_failed_stops_the_run_with_the_reason(tmp_
     with pytest.raises(SystemExit, match="round 1: no client returned a model .*dataset-fashion-mnist"):
         run(tmp_path, broken)
     assert not (tmp_path / "rec" / "checkpoints").exists()
+
+
+METRICS_ON = {"eval.metric-samples": 8, "eval.fd-cnn": True, "eval.max-reference-examples": 300}
+
+
+@needs_fmnist
+def test_the_server_scores_the_global_model_on_eval_rounds(tmp_path: Path) -> None:
+    run_dir, _ = run(tmp_path, echo_client, **METRICS_ON, **{"eval.stats-dir": str(tmp_path / "stats")})
+    rows = read_jsonl(run_dir.metrics_path)
+    assert "quality" not in rows[0]
+    quality = rows[1]["quality"]
+    assert quality["fd-cnn"] > 0 and quality["samples"] == 8 and quality["sampler"] == "ddim-4"
+    assert "fid" not in quality and "fd-cnn-std" not in quality
+
+
+def test_personalized_quality_is_the_clients_mean_and_std(tmp_path: Path) -> None:
+    def scoring_client(msg: Message) -> Message:
+        reply = echo_client(msg)
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            reply.content["metrics"]["fd-cnn"] = 10.0 * msg.metadata.dst_node_id
+        return reply
+
+    run_dir, _ = run(tmp_path, scoring_client, **{"strategy.name": "udec", "eval.metric-samples": 8})
+    quality = read_jsonl(run_dir.metrics_path)[1]["quality"]
+    # unweighted over the two clients' own models: 10 and 30
+    assert quality["fd-cnn"] == pytest.approx(20.0) and quality["fd-cnn-std"] == pytest.approx(10.0)
+    assert quality["clients"] == 2 and quality["samples"] == 8
+    assert "fd-cnn" not in read_jsonl(run_dir.metrics_path)[1]["evaluate"]

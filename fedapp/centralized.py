@@ -1,0 +1,81 @@
+"""The centralized baseline: the clients' data pooled in one process, same model and epochs.
+
+``strategy.name = "centralized"`` runs this instead of a federation, so every comparison
+has its baseline from the same code and config. One "round" is ``train.local-epochs``
+epochs over the union of the clients' training parts with a fresh Adam, exactly what a
+single client holding all the data would do (the papers' K = 1); it is evaluated on the
+union of the clients' held-out parts.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+import torch
+from flwr.common.logger import log
+
+from fedapp.builders import build_diffusion, build_model
+from fedapp.checkpoint import save_checkpoint
+from fedapp.config import FedConfig
+from fedapp.images import save_grid
+from fedapp.local_data import local_data
+from fedapp.quality import QualityMeter, sampler_label
+from fedapp.rundir import RunDir
+from fedapp.training import denoising_loss, pick_device, train_local
+
+
+def pooled_data(cfg: FedConfig, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) uint8 images: the union of every client's parts, as the federation sees them."""
+    parts = [local_data(cfg.data, cfg.seed, pid, num_partitions) for pid in range(num_partitions)]
+    val_cap = cfg.eval.max_val_examples
+    train = torch.cat([p.train.images for p in parts])
+    val = torch.cat([p.val.images[:val_cap] if val_cap else p.val.images for p in parts])
+    return train, val
+
+
+def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int) -> list[dict[str, object]]:
+    """Train, checkpoint and measure round by round into ``run``; returns the metrics rows."""
+    device = pick_device(cfg.train.device)
+    model, diffusion = build_model(cfg, seed=cfg.seed), build_diffusion(cfg)
+    train, val = pooled_data(cfg, num_partitions)
+    log(INFO, "centralized baseline: %d training and %d held-out images pooled from %d partitions",
+        len(train), len(val), num_partitions)
+    meter = QualityMeter(cfg, device)
+    rows: list[dict[str, object]] = []
+    started = last = time.perf_counter()
+    for rnd in range(1, cfg.train.rounds + 1):
+        result = train_local(
+            model, diffusion, train, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr, seed=cfg.seed * 1_000_003 + rnd * 1009, device=device,
+            max_steps=cfg.train.max_steps_per_round, progress=cfg.output.progress,
+            desc=f"centralized round {rnd}",
+        )
+        now = time.perf_counter()
+        row: dict[str, object] = {
+            "round": rnd,
+            "round_s": round(now - last, 3),
+            "wall_s": round(now - started, 3),
+            "train": {"train-loss": result.loss, "train-steps": float(result.steps),
+                      "train-seconds": result.seconds, "images-per-s": result.images_per_s},
+            "evaluate": {"eval-loss": denoising_loss(model, diffusion, val, batch_size=cfg.eval.batch_size,
+                                                     seed=cfg.seed, device=device)},
+            "comm": {},
+        }
+        model.to("cpu")
+        checkpoint = save_checkpoint(run.checkpoint_path(rnd), cfg, rnd, model,
+                                     extra={"comm": [], "metrics": rows + [row]})
+        row["checkpoint"] = str(checkpoint.relative_to(run.path))
+        if cfg.eval.is_eval_round(rnd, cfg.train.rounds):
+            scores, samples = meter.measure(model, diffusion, keep=cfg.eval.num_samples)
+            if scores:
+                row["quality"] = {**scores, "samples": cfg.eval.metric_samples, "sampler": sampler_label(cfg)}
+            row["samples"] = str(save_grid(samples, run.samples_path(rnd)).relative_to(run.path))
+        row["record_s"] = round(time.perf_counter() - now, 3)
+        rows.append(row)
+        run.append_jsonl(run.metrics_path, row)
+        log(INFO, "centralized round %d: train-loss %.4f eval-loss %.4f %s", rnd, result.loss,
+            row["evaluate"]["eval-loss"], row.get("quality", ""))  # type: ignore[index]
+        last = time.perf_counter()
+    save_checkpoint(run.path / "final.pt", cfg, cfg.train.rounds, model, extra={"comm": [], "metrics": rows})
+    return rows

@@ -1,0 +1,152 @@
+"""Fréchet distances between generated and real images, in named feature spaces.
+
+Two spaces: ``fd-cnn`` (fedapp's own Fashion-MNIST classifier, offline, the CPU default)
+and ``fid`` (pytorch-fid's InceptionV3, the papers' metric, where its weights can be had).
+They are never mixed up: every output carries the space's name. The real statistics are
+computed once per data set, split, image size and feature network, and cached as ``.npz``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from logging import WARNING
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.common.logger import log
+from pytorch_fid.fid_score import calculate_frechet_distance
+from torch import nn
+from tqdm.auto import tqdm
+
+from fedapp.classifier import CLASSIFIER_PATH, load_classifier
+from fedapp.config import DataConfig, EvalConfig
+from fedapp.datasets import data_cache_dir, image_shape, load_split, to_model_range
+from fedapp.inception import FIDWeightsUnavailable, InceptionFeatures, find_fid_weights
+
+FD_CNN = "fd-cnn"
+FID = "fid"
+METRIC_NAMES = (FD_CNN, FID)
+
+
+@dataclass(frozen=True)
+class Stats:
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+
+
+class ClassifierFeatures(nn.Module):
+    """The classifier's 128-d penultimate activations; only defined for Fashion-MNIST at 28 px."""
+
+    name = FD_CNN
+
+    def __init__(self, path: Path = CLASSIFIER_PATH) -> None:
+        super().__init__()
+        self.net, meta = load_classifier(path)
+        self.dim = int(meta["feature_dim"])
+        self.ident = "cnn-" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+
+@torch.no_grad()
+def feature_stats(space: nn.Module, images: torch.Tensor, *, batch_size: int = 256,
+                  device: torch.device | str = "cpu", progress: bool = False, desc: str = "features") -> Stats:
+    """Mean and covariance of ``space``'s features over uint8 or [-1, 1] float images."""
+    if len(images) < 2:
+        raise ValueError(f"a covariance needs at least 2 images, got {len(images)}")
+    space = space.to(device).eval()
+    feats = []
+    for first in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = images[first:first + batch_size]
+        x = to_model_range(batch) if batch.dtype == torch.uint8 else batch.to(torch.float32)
+        feats.append(space(x.to(device)).to("cpu", torch.float64))
+    space.to("cpu")
+    f = torch.cat(feats).numpy()
+    if not np.isfinite(f).all():
+        raise ValueError(f"{space.name} features are not finite; the images hold NaN or Inf")
+    return Stats(mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False), n=len(f))
+
+
+def frechet_distance(a: Stats, b: Stats) -> float:
+    return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+
+
+def stats_dir(ev: EvalConfig) -> Path:
+    return Path(ev.stats_dir).expanduser() if ev.stats_dir else data_cache_dir() / "frechet-stats"
+
+
+def _stats_file(space: nn.Module, data: DataConfig, split: str, directory: Path, limit: int) -> Path:
+    _, side = image_shape(data)
+    source = f"-{hashlib.sha256(data.root.encode()).hexdigest()[:8]}" if data.name == "folder" else ""
+    count = f"-n{limit}" if limit else ""
+    return directory / f"{data.name}{source}-{split}{count}-{side}px-{space.name}-{space.ident}.npz"
+
+
+def _read_stats(path: Path, dim: int) -> Stats | None:
+    try:
+        with np.load(path) as z:
+            stats = Stats(mu=z["mu"], sigma=z["sigma"], n=int(z["n"]))
+    except (OSError, KeyError, ValueError) as err:
+        log(WARNING, "ignoring unreadable statistics cache %s (%s); recomputing", path, type(err).__name__)
+        return None
+    if stats.mu.shape != (dim,) or stats.sigma.shape != (dim, dim):
+        log(WARNING, "ignoring statistics cache %s with shape %s; recomputing", path, stats.mu.shape)
+        return None
+    return stats
+
+
+def _write_stats(path: Path, stats: Stats) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            np.savez(out, mu=stats.mu, sigma=stats.sigma, n=stats.n)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def reference_stats(space: nn.Module, data: DataConfig, split: str, directory: Path, *, limit: int = 0,
+                    batch_size: int = 256, device: torch.device | str = "cpu",
+                    progress: bool = False) -> Stats:
+    """The real split's statistics (of a seeded ``limit`` subset if > 0), cached."""
+    path = _stats_file(space, data, split, directory, limit)
+    if path.is_file() and (cached := _read_stats(path, space.dim)) is not None:
+        return cached
+    real = load_split(data, split).images
+    if limit and limit < len(real):
+        real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:limit]]
+    stats = feature_stats(space, real, batch_size=batch_size, device=device, progress=progress,
+                          desc=f"{space.name} real {split}")
+    _write_stats(path, stats)
+    return stats
+
+
+def feature_spaces(ev: EvalConfig, data: DataConfig) -> list[nn.Module]:
+    """The configured spaces that can run here; a space that cannot says why in one line.
+
+    ``eval.fid = "required"`` turns a missing Inception into an error instead of a skip.
+    """
+    spaces: list[nn.Module] = []
+    if ev.fd_cnn:
+        if data.name == "fashion-mnist" and image_shape(data) == (1, 28):
+            spaces.append(ClassifierFeatures())
+        else:
+            log(WARNING, "%s skipped: its classifier is defined for fashion-mnist at 28 px, not %s at %d px",
+                FD_CNN, data.name, image_shape(data)[1])
+    if ev.fid != "off":
+        try:
+            spaces.append(InceptionFeatures(find_fid_weights(ev.fid_weights)))
+        except FIDWeightsUnavailable as err:
+            if ev.fid == "required":
+                raise
+            log(WARNING, "FID skipped (eval.fid = auto): %s", err)
+    return spaces

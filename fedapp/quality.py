@@ -1,0 +1,77 @@
+"""Sample quality of one model: N generated images scored in every available feature space.
+
+Used the same way by the server (global model), by each client (its own model) and by the
+centralized baseline, so every number in a comparison comes from the same code.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from fedapp.config import FedConfig
+from fedapp.datasets import image_shape
+from fedapp.diffusion import Diffusion
+from fedapp.frechet import Stats, feature_spaces, feature_stats, frechet_distance, reference_stats, stats_dir
+from fedapp.sampling import generate
+
+
+def sampler_label(cfg: FedConfig) -> str:
+    ev = cfg.eval
+    return f"ddim-{ev.sampler_steps}" if ev.sampler == "ddim" else f"ddpm-{cfg.diffusion.timesteps}"
+
+
+class QualityMeter:
+    """Fréchet metrics of generated images against the cached real statistics."""
+
+    def __init__(self, cfg: FedConfig, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.device = cfg, torch.device(device)
+
+    @cached_property
+    def spaces(self) -> list[nn.Module]:
+        """Built on first use, so runs that never measure never load Inception."""
+        return feature_spaces(self.cfg.eval, self.cfg.data) if self.cfg.eval.metric_samples else []
+
+    @cached_property
+    def references(self) -> dict[str, Stats]:
+        ev = self.cfg.eval
+        return {
+            space.name: reference_stats(space, self.cfg.data, ev.reference_split, stats_dir(ev),
+                                        limit=ev.max_reference_examples, batch_size=ev.batch_size, device=self.device,
+                                        progress=self.cfg.output.progress)
+            for space in self.spaces
+        }
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.spaces)
+
+    def score(self, images: torch.Tensor) -> dict[str, float]:
+        """One distance per space for images in [-1, 1] (or uint8)."""
+        out: dict[str, float] = {}
+        for space in self.spaces:
+            stats = feature_stats(space, images, batch_size=self.cfg.eval.batch_size, device=self.device,
+                                  progress=self.cfg.output.progress, desc=f"{space.name} samples")
+            out[space.name] = frechet_distance(stats, self.references[space.name])
+        return out
+
+    def draw(self, model: nn.Module, diffusion: Diffusion, n: int, seed: int | None = None) -> torch.Tensor:
+        """n seeded samples with the configured evaluation sampler."""
+        ev = self.cfg.eval
+        samples = generate(
+            model, diffusion, n, image_shape(self.cfg.data),
+            kind=ev.sampler, steps=ev.sampler_steps if ev.sampler == "ddim" else None,
+            seed=self.cfg.seed if seed is None else seed, device=self.device, batch_size=ev.batch_size,
+            progress=self.cfg.output.progress,
+        )
+        model.to("cpu")
+        return samples
+
+    def measure(self, model: nn.Module, diffusion: Diffusion, seed: int | None = None,
+                keep: int = 0) -> tuple[dict[str, float], torch.Tensor]:
+        """The metrics of ``model`` and the first ``keep`` of its samples (for a grid)."""
+        n = self.cfg.eval.metric_samples if self.enabled else 0
+        samples = self.draw(model, diffusion, max(n, keep), seed)
+        return (self.score(samples[:n]) if n else {}), samples[:keep]
