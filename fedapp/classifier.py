@@ -13,6 +13,7 @@ accuracy), and ``python scripts/train_classifier.py --check`` re-measures it.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
@@ -21,7 +22,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from importlib import metadata
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import torch
 import torch.nn as nn
@@ -38,6 +41,7 @@ __all__ = [
     "MIN_TEST_ACCURACY",
     "FeatureCNN",
     "check_classifier",
+    "find_classifier",
     "load_classifier",
     "main",
     "save_classifier",
@@ -257,6 +261,43 @@ def load_classifier(path: Path = CLASSIFIER_PATH) -> tuple[FeatureCNN, dict[str,
         raise ValueError(f"{path} holds weights for a different network; {_how_to_make(path)}") from None
     model.eval()
     return model, meta
+
+
+def installed_copy(relative: str, dist_name: str = "fedapp") -> Path | None:
+    """Where the fedapp installed in this environment keeps ``relative`` (a package-data file).
+
+    Flower's app bundle (FAB) carries only code and text (.py, .toml, .md, .json, ...), so a
+    ServerApp or ClientApp running from one has no weights beside its modules; the installed
+    distribution has them (as package data, or in the source tree of an editable install).
+    """
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        return None
+    try:
+        direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    except ValueError:
+        direct = {}
+    url = str(direct.get("url", ""))
+    if direct.get("dir_info", {}).get("editable") and url.startswith("file://"):
+        return Path(unquote(urlparse(url).path)) / relative
+    return Path(str(dist.locate_file(relative)))
+
+
+def find_classifier(configured: str = "") -> Path:
+    """The weights file: ``configured`` if given, else beside this module, else in the installed fedapp."""
+    if configured:
+        path = Path(configured).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"eval.fd-cnn-weights = {configured!r}: no such file")
+        return path
+    tried = [CLASSIFIER_PATH, installed_copy(f"fedapp/assets/{CLASSIFIER_PATH.name}")]
+    for path in tried:
+        if path is not None and path.is_file():
+            return path
+    places = ", ".join(str(p) for p in tried if p is not None)
+    raise FileNotFoundError(f"classifier weights not found (tried {places}); install fedapp in this "
+                            f"environment (pip install -e .) or set eval.fd-cnn-weights")
 
 
 def check_classifier(path: Path, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

@@ -113,6 +113,7 @@ class EvalConfig(_Section):
     # Fréchet metrics on eval rounds: N generated images per model (0 turns them off).
     metric_samples: int = Field(1000, ge=0, le=100_000)
     fd_cnn: bool = True  # offline: features of fedapp's own Fashion-MNIST classifier
+    fd_cnn_weights: str = ""  # the classifier's weights; default: the ones fedapp ships
     fid: Literal["off", "auto", "required"] = "auto"  # Inception FID: auto skips it without weights
     fid_weights: str = ""  # a local pt_inception-2015-12-05 file; tried before the hub cache
     reference_split: Literal["train", "test"] = "test"

@@ -22,7 +22,7 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedapp.classifier import CLASSIFIER_PATH, load_classifier
+from fedapp.classifier import find_classifier, load_classifier
 from fedapp.config import DataConfig, EvalConfig
 from fedapp.datasets import data_cache_dir, image_shape, load_split, to_model_range
 from fedapp.inception import FIDWeightsUnavailable, InceptionFeatures, find_fid_weights
@@ -44,8 +44,9 @@ class ClassifierFeatures(nn.Module):
 
     name = FD_CNN
 
-    def __init__(self, path: Path = CLASSIFIER_PATH) -> None:
+    def __init__(self, path: Path | None = None) -> None:
         super().__init__()
+        path = path or find_classifier()
         self.net, meta = load_classifier(path)
         self.dim = int(meta["feature_dim"])
         self.ident = "cnn-" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
@@ -138,7 +139,10 @@ def feature_spaces(ev: EvalConfig, data: DataConfig) -> list[nn.Module]:
     spaces: list[nn.Module] = []
     if ev.fd_cnn:
         if data.name == "fashion-mnist" and image_shape(data) == (1, 28):
-            spaces.append(ClassifierFeatures())
+            try:
+                spaces.append(ClassifierFeatures(find_classifier(ev.fd_cnn_weights)))
+            except FileNotFoundError as err:
+                log(WARNING, "%s skipped: %s", FD_CNN, err)
         else:
             log(WARNING, "%s skipped: its classifier is defined for fashion-mnist at 28 px, not %s at %d px",
                 FD_CNN, data.name, image_shape(data)[1])

@@ -172,6 +172,28 @@ def test_fd_cnn_is_skipped_for_data_its_classifier_does_not_know(caplog: pytest.
     assert spaces == [] and any("fd-cnn skipped" in r.getMessage() for r in caplog.records)
 
 
+def test_classifier_weights_are_found_outside_the_source_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A Flower app bundle has no .pt files: the app then uses the installed fedapp's copy."""
+    from fedapp import classifier
+
+    shipped = classifier.CLASSIFIER_PATH.resolve()
+    monkeypatch.setattr(classifier, "CLASSIFIER_PATH", tmp_path / "bundle" / "fedapp" / "assets" / shipped.name)
+    assert classifier.find_classifier().resolve() == shipped  # this test environment installs fedapp
+    configured = tmp_path / "mine.pt"
+    configured.write_bytes(shipped.read_bytes())
+    assert classifier.find_classifier(str(configured)) == configured
+    with pytest.raises(FileNotFoundError, match=r"^eval.fd-cnn-weights = '/nowhere.pt': no such file$"):
+        classifier.find_classifier("/nowhere.pt")
+
+    monkeypatch.setattr(classifier, "installed_copy", lambda *_: None)
+    with caplog.at_level(logging.WARNING):
+        spaces = feature_spaces(EvalConfig(fid="off"), DataConfig(name="fashion-mnist"))
+    assert spaces == []
+    message = next(r.getMessage() for r in caplog.records if "fd-cnn skipped" in r.getMessage())
+    assert "\n" not in message and "eval.fd-cnn-weights" in message
+
+
 def _random_fid_inception() -> nn.Module:
     """The FID Inception's architecture with random weights: for code-path tests only."""
     net = pf_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
