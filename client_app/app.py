@@ -138,8 +138,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"num-examples": len(images), "eval-loss": loss})
     server_round = int(msg.content["config"].get("server-round", 0))
     if is_personalized(cfg.strategy.name) and cfg.eval.is_eval_round(server_round, cfg.train.rounds):
-        scores, _ = quality_meter(cfg, device).measure(model, build_diffusion(cfg))
-        metrics.update(scores)  # the server reports their mean ± std over clients
+        meter = quality_meter(cfg, device)
+        if meter.enabled:
+            scores, _ = meter.measure(model, build_diffusion(cfg))
+            metrics.update(scores)  # the server reports their mean ± std over clients
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -32,4 +32,4 @@ def generate(
         x = diffusion.prior((count, channels, side, side), gen, device)
         x = diffusion.sample(model, x, kind=kind, steps=steps, generator=gen, progress=progress)
         out.append(x.cpu())
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty((0, channels, side, side))

@@ -291,3 +291,13 @@ def test_sampler_and_training_noise_agree_on_the_schedule(kind: str, steps: int 
 def test_ddim_steps_must_divide_the_chain() -> None:
     with pytest.raises(ValueError, match="divide"):
         Diffusion().sampler("ddim", 7)
+
+
+def test_generate_zero_images_is_an_empty_batch_not_an_error() -> None:
+    from fedapp.builders import build_diffusion, build_model
+    from fedapp.config import parse_config
+    from fedapp.sampling import generate
+
+    cfg = parse_config({"model.dim": 8, "model.dim-mults": "1,2"})
+    out = generate(build_model(cfg, seed=0), build_diffusion(cfg), 0, (1, 28), steps=2)
+    assert out.shape == (0, 1, 28, 28)
