@@ -22,4 +22,4 @@ for method in full usplit ulatdec udec; do
   [ -f "$out/$name/final.pt" ] || { echo "$name: FAILED, see $out/$name.log"; exit 1; }
 done
 fedapp comm --clients "$clients" --rounds "$rounds"
-fedapp comm --check "$out"/k"$clients"-r"$rounds"-*
+fedapp comm --check "$out"/k"$clients"-r"$rounds"-*/
