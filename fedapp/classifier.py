@@ -21,8 +21,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 

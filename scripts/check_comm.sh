@@ -6,10 +6,7 @@ set -euo pipefail
 out=$(realpath -m "${1:?usage: $0 OUT_DIR [K] [R]}")
 clients=${2:-10}
 rounds=${3:-2}
-cd "$(dirname "$0")/.."
-export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export PATH="$PWD/.venv/bin:$PATH"  # flwr starts flower-superlink from PATH
+source "$(dirname "$0")/flwr_env.sh"
 mkdir -p "$out"
 setup="model.dim=28 data.max-train-examples=$((clients * 40)) data.num-partitions=$clients train.rounds=$rounds"
 setup="$setup train.max-steps-per-round=1 train.batch-size=8 strategy.min-nodes=$clients strategy.fraction-evaluate=0.0"

@@ -4,10 +4,7 @@
 set -euo pipefail
 out=$(realpath -m "${1:?usage: $0 OUT_DIR [extra run-config]}")
 extra=${2:-}
-cd "$(dirname "$0")/.."
-export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export PATH="$PWD/.venv/bin:$PATH"  # flwr starts flower-superlink from PATH
+source "$(dirname "$0")/flwr_env.sh"
 for method in full usplit ulatdec udec; do
   flwr run . --stream --federation-config "num-supernodes=5" \
     --run-config "strategy.name=\"$method\" output.dir=\"$out\" output.name=\"$method\" output.progress=false $extra" \

@@ -6,10 +6,7 @@
 # Usage: scripts/reproduce_cpu.sh OUT_DIR   (about 80 minutes on 2 CPU cores; finished runs are skipped)
 set -euo pipefail
 out=$(realpath -m "${1:?usage: $0 OUT_DIR}")
-cd "$(dirname "$0")/.."
-export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export PATH="$PWD/.venv/bin:$PATH"  # flwr starts flower-superlink from PATH
+source "$(dirname "$0")/flwr_env.sh"
 mkdir -p "$out"
 # 5 clients, 4,500 training images in all, 6 rounds of 1 local epoch at batch 32 (about 170 steps per
 # client; the centralized baseline takes the same 27,000 image-steps as 850 steps on the pool).

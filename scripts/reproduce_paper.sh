@@ -7,10 +7,7 @@
 set -euo pipefail
 out=$(realpath -m "${1:?usage: $0 OUT_DIR [federation-config]}")
 federation=${2:-"num-supernodes=5 client-resources-num-cpus=2 client-resources-num-gpus=0.2"}
-cd "$(dirname "$0")/.."
-export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export PATH="$PWD/.venv/bin:$PATH"  # flwr starts flower-superlink from PATH
+source "$(dirname "$0")/flwr_env.sh"
 mkdir -p "$out/conf"
 runs=(iid-centralized)
 for partitioner in iid label-skew quantity-skew; do
