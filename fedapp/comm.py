@@ -8,16 +8,20 @@ from typing import Literal
 
 from flwr.app import RecordDict
 
-from fedapp.records import content_size
+from fedapp.records import content_size, wire_bytes
 from fedapp.unet import part_of
 
 Direction = Literal["down", "up"]
-_FIELDS = ("down_params", "down_bytes", "up_params", "up_bytes")
+_FIELDS = ("down_params", "down_bytes", "down_wire", "up_params", "up_bytes", "up_wire")
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """One message's array payload: values and bytes of every ArrayRecord it held."""
+    """One message: values and payload bytes of its ArrayRecords, and its serialized size.
+
+    ``wire`` is the whole content as Flower sends it (object heads, config and metrics
+    included), so ``wire / params`` shows the transport dtype and the framing together.
+    """
 
     server_round: int
     node_id: int
@@ -26,6 +30,7 @@ class Transfer:
     params: int
     bytes: int
     parts: tuple[str, ...] = ()
+    wire: int = 0
 
 
 class CommLedger:
@@ -37,7 +42,8 @@ class CommLedger:
     def add(self, server_round: int, node_id: int, direction: Direction, message_type: str,
             content: RecordDict | None) -> Transfer:
         params, nbytes = content_size(content) if content is not None else (0, 0)
-        transfer = Transfer(server_round, node_id, direction, message_type, params, nbytes, _parts(content))
+        wire = wire_bytes(content) if content is not None else 0
+        transfer = Transfer(server_round, node_id, direction, message_type, params, nbytes, _parts(content), wire)
         self.transfers.append(transfer)
         return transfer
 
@@ -50,6 +56,7 @@ class CommLedger:
         for t in keep:
             out[f"{t.direction}_params"] += t.params
             out[f"{t.direction}_bytes"] += t.bytes
+            out[f"{t.direction}_wire"] += t.wire
         return out
 
     def totals(self, server_round: int | None = None, upto: int | None = None,
@@ -100,17 +107,12 @@ def _parts(content: RecordDict | None) -> tuple[str, ...]:
 
 
 def format_summary(ledger: CommLedger) -> str:
-    """A small table of totals per message type, for the end-of-run log."""
-    lines = [f"{'messages':<12}{'down params':>16}{'down MB':>12}{'up params':>16}{'up MB':>12}"]
-    for mtype in ledger.message_types():
+    """A small table of totals per message type (wire MB: as serialized), for the end-of-run log."""
+    lines = [f"{'messages':<12}{'down params':>16}{'down wire MB':>14}{'up params':>16}{'up wire MB':>14}"]
+    for mtype in [*ledger.message_types(), None]:
         t = ledger.totals(message_type=mtype)
         lines.append(
-            f"{mtype:<12}{t['down_params']:>16,}{t['down_bytes'] / 1e6:>12.2f}"
-            f"{t['up_params']:>16,}{t['up_bytes'] / 1e6:>12.2f}"
+            f"{mtype or 'all':<12}{t['down_params']:>16,}{t['down_wire'] / 1e6:>14.2f}"
+            f"{t['up_params']:>16,}{t['up_wire'] / 1e6:>14.2f}"
         )
-    t = ledger.totals()
-    lines.append(
-        f"{'all':<12}{t['down_params']:>16,}{t['down_bytes'] / 1e6:>12.2f}"
-        f"{t['up_params']:>16,}{t['up_bytes'] / 1e6:>12.2f}"
-    )
     return "\n".join(lines)

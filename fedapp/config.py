@@ -74,6 +74,7 @@ class DataConfig(_Section):
     min_partition_size: int = Field(10, ge=1)
     classes_per_client: int = Field(2, ge=1)
     num_partitions: int = Field(0, ge=0)
+    cache: bool = True  # keep each client's decoded share on disk (deployed nodes restart per message)
 
 
 class TrainConfig(_Section):
@@ -125,6 +126,12 @@ class EvalConfig(_Section):
         return self.every > 0 and (server_round % self.every == 0 or server_round == rounds)
 
 
+class TransportConfig(_Section):
+    """How model arrays travel. Narrow floats halve the bytes; both ends average and train in float32."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
 class OutputConfig(_Section):
     """Where the run directory goes."""
 
@@ -143,6 +150,7 @@ class FedConfig(_Section):
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
     eval: EvalConfig = EvalConfig()
+    transport: TransportConfig = TransportConfig()
     output: OutputConfig = OutputConfig()
 
     def flat(self) -> dict[str, Any]:

@@ -1,25 +1,76 @@
-"""Conversion between models and Flower records, and the size of what a record carries."""
+"""Conversion between models and Flower records, the transport dtype, and what a record weighs.
+
+Arrays may travel in a narrower float type than the model trains in (``transport.dtype``).
+Whoever receives them widens them to float32 before training or averaging, so precision is
+lost once per hop and never accumulates. numpy has no bfloat16, so bfloat16 arrays travel
+as their raw bytes under a stype of our own; only :func:`decode_record` reads them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Literal
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import nn
 
+TransportDtype = Literal["float32", "float16", "bfloat16"]
+TRANSPORT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+RAW_BF16 = "fedapp.raw-bfloat16"  # Array.stype of a bfloat16 array sent as its bytes
 
-def model_to_record(model: nn.Module, keys: Iterable[str] | None = None) -> ArrayRecord:
+
+def encode_tensor(tensor: torch.Tensor, dtype: TransportDtype = "float32") -> Array:
+    """One tensor as a Flower Array; floating tensors are cast to ``dtype``."""
+    tensor = tensor.detach().cpu()
+    if not tensor.is_floating_point():
+        return Array(tensor.contiguous())
+    if dtype == "bfloat16":
+        raw = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+        return Array("bfloat16", tuple(tensor.shape), RAW_BF16, raw)
+    return Array(tensor.to(getattr(torch, dtype)).contiguous())
+
+
+def decode_array(array: Array) -> torch.Tensor:
+    """The array as a tensor, floating values widened to float32 (the training and averaging type)."""
+    if array.stype == RAW_BF16:
+        ints = np.frombuffer(array.data, dtype=np.int16).reshape(array.shape)
+        return torch.from_numpy(ints.copy()).view(torch.bfloat16).float()
+    tensor = torch.from_numpy(array.numpy())
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def encode_state(state: Mapping[str, torch.Tensor], dtype: TransportDtype = "float32") -> ArrayRecord:
+    return ArrayRecord({k: encode_tensor(v, dtype) for k, v in state.items()})
+
+
+def decode_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: decode_array(v) for k, v in record.items()}
+
+
+def recast_record(record: ArrayRecord, dtype: TransportDtype) -> ArrayRecord:
+    """The record in another transport dtype (float32 decodes a narrow record for averaging)."""
+    return encode_state(decode_record(record), dtype)
+
+
+def record_dtypes(record: ArrayRecord) -> set[str]:
+    return {a.dtype for a in record.values()}
+
+
+def model_to_record(model: nn.Module, keys: Iterable[str] | None = None,
+                    dtype: TransportDtype = "float32") -> ArrayRecord:
     """The model's state (or only ``keys`` of it) as an ArrayRecord with the torch names."""
     state = model.state_dict()
     if keys is not None:
         state = {k: state[k] for k in keys}
-    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+    return encode_state(state, dtype)
 
 
 def load_record(model: nn.Module, record: ArrayRecord, strict: bool = True) -> None:
     """Copy a record's arrays into the model; with ``strict``, keys must match exactly."""
-    state = record.to_torch_state_dict()
+    state = decode_record(record)
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state)) if strict else []
@@ -50,6 +101,15 @@ def content_size(content: RecordDict) -> tuple[int, int]:
         p, b = arrays_size(record)
         params, nbytes = params + p, nbytes + b
     return params, nbytes
+
+
+def wire_bytes(content: RecordDict) -> int:
+    """Bytes of the content as Flower transmits it: every distinct object it deflates into.
+
+    That is the array payloads plus Flower's object heads and the config and metric records;
+    identical array chunks are sent once, as Flower does.
+    """
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
 def state_numel(state: dict[str, torch.Tensor]) -> int:

@@ -17,8 +17,8 @@ from fedapp.config import ConfigError, parse_config
 from fedapp.methods import is_personalized
 from fedapp.records import model_to_record
 from fedapp.rundir import RunDir
-from server_app.metering import MeteredGrid
 from server_app.recorder import RoundRecorder
+from server_app.transport import server_grid
 from strategies import build_strategy
 
 app = ServerApp()
@@ -42,12 +42,12 @@ def main(grid: Grid, context: Context) -> None:
         return
     model = build_model(cfg, seed=cfg.seed)
     ledger = CommLedger()
-    metered = MeteredGrid(grid, ledger)
+    strategy_grid, metered = server_grid(grid, ledger, cfg.transport.dtype)
     recorder = RoundRecorder(cfg, run, model, build_diffusion(cfg), metered, ledger, run_id=context.run_id)
     strategy = build_strategy(cfg)
     started = time.perf_counter()
     result = strategy.start(
-        grid=metered,
+        grid=strategy_grid,
         initial_arrays=model_to_record(model),
         num_rounds=cfg.train.rounds,
         timeout=cfg.strategy.round_timeout,
@@ -60,6 +60,6 @@ def main(grid: Grid, context: Context) -> None:
     )
     if is_personalized(cfg.strategy.name):
         log(INFO, "final checkpoint holds %d client models (fedapp sample %s --client ID)", len(clients), final)
-    log(INFO, "communication (array payload, all rounds):\n%s", format_summary(ledger))
+    log(INFO, "communication (all rounds):\n%s", format_summary(ledger))
     log(INFO, "fedapp finished in %.1f s; final checkpoint %s", time.perf_counter() - started, final)
     del result

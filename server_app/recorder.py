@@ -84,7 +84,8 @@ class RoundRecorder:
         )
         self.last = time.perf_counter()
         cum = self.ledger.totals(upto=server_round)
-        return MetricRecord({"cum-down-bytes": cum["down_bytes"], "cum-up-bytes": cum["up_bytes"]})
+        return MetricRecord({"cum-down-bytes": cum["down_bytes"], "cum-up-bytes": cum["up_bytes"],
+                             "cum-down-wire": cum["down_wire"], "cum-up-wire": cum["up_wire"]})
 
     def _aggregate(self, server_round: int, message_type: str) -> dict[str, float]:
         contents = self.grid.round_metrics(server_round, message_type)

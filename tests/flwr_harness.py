@@ -81,11 +81,12 @@ def flwr_run(
     run_config: Mapping[str, object],
     num_supernodes: int,
     timeout: float,
+    resources: str = "client-resources-num-cpus=1",
 ) -> subprocess.CompletedProcess[str]:
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
     cmd = [
         str(Path(sys.executable).parent / "flwr"), "run", str(REPO), "--stream",
-        "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+        "--federation-config", f"num-supernodes={num_supernodes} {resources}",
         "--run-config", overrides,
     ]
     return subprocess.run(

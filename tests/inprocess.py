@@ -19,7 +19,7 @@ from fedapp.comm import CommLedger
 from fedapp.config import FedConfig, parse_config
 from fedapp.records import model_to_record
 from flower_mocks import FakeGrid
-from server_app.metering import MeteredGrid
+from server_app.transport import server_grid
 from strategies import build_strategy
 
 RUN_ID = 4242
@@ -42,6 +42,8 @@ class InProcessRun:
     sent: list[Message] = field(default_factory=list)
     replies: list[Message] = field(default_factory=list)
     ledger: CommLedger = field(default_factory=CommLedger)
+    # The array dtypes of each message as it travelled (the server widens replies in place).
+    dtypes: list[set[str]] = field(default_factory=list)
 
     def respond(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
@@ -53,12 +55,14 @@ class InProcessRun:
         handler = client_train if msg.metadata.message_type == MessageType.TRAIN else client_evaluate
         reply = handler(msg, context)
         self.replies.append(reply)
+        for message in (msg, reply):
+            self.dtypes.append({a.dtype for r in message.content.array_records.values() for a in r.values()})
         return reply
 
     def start(self) -> tuple[ArrayRecord, ArrayRecord]:
         """(initial global arrays, final global arrays)."""
         initial = model_to_record(build_model(self.cfg, seed=self.cfg.seed))
-        grid = MeteredGrid(FakeGrid(self.node_ids, self.respond), self.ledger)
+        grid, _ = server_grid(FakeGrid(self.node_ids, self.respond), self.ledger, self.cfg.transport.dtype)
         self.strategy = build_strategy(self.cfg)
         result = self.strategy.start(grid=grid, initial_arrays=initial, num_rounds=self.cfg.train.rounds)
         self.result = result

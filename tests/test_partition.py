@@ -7,6 +7,7 @@ import gzip
 import struct
 import warnings
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 from fedapp import datasets
 from fedapp.config import DataConfig
 from fedapp.datasets import load_split
-from fedapp.local_data import local_data, pool_partitioner, training_pool
+from fedapp.local_data import LocalData, local_data, partition_cache_path, pool_partitioner, training_pool
 from fedapp.partition import (
     build_partitioner,
     dirichlet_sizes,
@@ -317,3 +318,45 @@ def test_local_data_no_cap_and_no_val(fake_root: Path) -> None:
     for s in shares:
         for img_id, label in zip(image_ids(s.train.images), s.train.labels.tolist()):
             assert full.labels[img_id].item() == label
+
+
+# ----------------------------------------------------------------------------- disk cache
+def _same(a: LocalData, b: LocalData) -> bool:
+    return all(torch.equal(getattr(a, s).images, getattr(b, s).images)
+               and torch.equal(getattr(a, s).labels, getattr(b, s).labels) for s in ("train", "val"))
+
+
+def test_a_new_process_reads_the_share_from_disk_and_gets_the_same_data(fake_root: Path) -> None:
+    cfg = DataConfig(root=str(fake_root), download=False, partitioner="label-skew", min_partition_size=5)
+    first = local_data(cfg, 3, 1, 3)
+    path = partition_cache_path(cfg, 3, 1, 3)
+    assert path.is_file() and path.is_relative_to(fake_root.parent / "cache" / "partitions")
+    local_data.cache_clear()
+    pool_partitioner.cache_clear()
+    with patch("fedapp.local_data.split_partition", side_effect=AssertionError("recomputed")):
+        again = local_data(cfg, 3, 1, 3)
+    assert _same(first, again)
+    # Every input of the split is in the key.
+    others = {partition_cache_path(cfg, 4, 1, 3), partition_cache_path(cfg, 3, 2, 3),
+              partition_cache_path(cfg, 3, 1, 4), partition_cache_path(cfg.model_copy(update={"alpha": 0.1}), 3, 1, 3)}
+    assert path not in others and len(others) == 4
+    assert partition_cache_path(cfg.model_copy(update={"cache": False}), 3, 1, 3) == path
+
+
+def test_a_damaged_cache_file_is_recomputed_and_replaced(fake_root: Path) -> None:
+    cfg = DataConfig(root=str(fake_root), download=False)
+    first = local_data(cfg, 0, 0, 2)
+    path = partition_cache_path(cfg, 0, 0, 2)
+    path.write_bytes(b"truncated")
+    local_data.cache_clear()
+    with pytest.warns(UserWarning, match="unreadable partition cache"):
+        again = local_data(cfg, 0, 0, 2)
+    assert _same(first, again)
+    local_data.cache_clear()
+    assert _same(first, local_data(cfg, 0, 0, 2))  # rewritten: read back without a warning
+
+
+def test_data_cache_false_writes_nothing(fake_root: Path) -> None:
+    cfg = DataConfig(root=str(fake_root), download=False, cache=False)
+    local_data(cfg, 0, 0, 2)
+    assert not (fake_root.parent / "cache" / "partitions").exists()
