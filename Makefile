@@ -9,7 +9,7 @@ export FLWR_HOME ?= $(CURDIR)/.flwr
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 RUN_CONFIG ?= output.dir="$(CURDIR)/runs"
 
-.PHONY: install run run-paper test test-fast clean
+.PHONY: install run run-paper test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not e2e"
+
+# The CPU benchmarks, one after another (never two torch jobs at once on a small machine).
+# Figures and the GPU commands are in docs/BENCHMARKS.md. About 40 minutes on 2 cores.
+bench: install
+	$(BIN)/python -m bench.train_throughput --dim 16 --batch 64 --steps 60 --repeats 3
+	$(BIN)/python bench/federation_overhead.py --rounds 3
+	$(BIN)/python bench/transport_quality.py --methods full,udec --dtypes float32,float16,bfloat16 \
+	  --clients 10 --rounds 15 --max-steps 1 --batch 16 --examples 2000 --metric-samples 0 --device cpu
+	$(BIN)/python bench/deployment_cost.py --nodes 2 --workdir $(CURDIR)/.bench/deployment
+	$(BIN)/python bench/federation_overhead.py --scaling
 
 clean:
 	rm -rf $(VENV) .flwr

@@ -8,7 +8,8 @@ project's machines; without ``--fid-weights`` the FID network has random weights
 gives a time only, never a score.
 
     python bench/eval_cost.py --device cuda --train-steps 4000 --n 1000 --save /tmp/m.pt
-    python bench/eval_cost.py --checkpoint /tmp/m.pt --n 256 --ddim 25,50
+    python bench/eval_cost.py --checkpoint /tmp/m.pt --n 256 --samplers ddim-50,ddim-50-eta1,ddpm-100
+    python bench/eval_cost.py --checkpoint /tmp/m.pt --n 1000 --features-only     # the metrics' cost
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from pytorch_fid import inception as pf_inception
 
 from fedapp.builders import build_diffusion, build_model
 from fedapp.checkpoint import load_checkpoint, save_checkpoint
 from fedapp.config import DataConfig, parse_config
 from fedapp.datasets import image_shape, load_split
 from fedapp.frechet import ClassifierFeatures, feature_stats, frechet_distance, reference_stats, stats_dir
-from fedapp.inception import InceptionFeatures
+from fedapp.inception import InceptionFeatures, fid_inception_architecture
 from fedapp.sampling import generate
 from fedapp.training import train_local
 
@@ -44,18 +44,8 @@ def _timed(on: torch.device, fn, *args, **kwargs):  # type: ignore[no-untyped-de
 
 def _random_fid_weights(folder: Path) -> Path:
     """The FID Inception's architecture with random weights: its speed is the real one."""
-    net = pf_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b = pf_inception.FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = pf_inception.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = pf_inception.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = pf_inception.FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = pf_inception.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = pf_inception.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = pf_inception.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = pf_inception.FIDInceptionE_1(1280)
-    net.Mixed_7c = pf_inception.FIDInceptionE_2(2048)
     path = folder / "random-fid-inception.pth"
-    torch.save(net.state_dict(), path)
+    torch.save(fid_inception_architecture().state_dict(), path)
     return path
 
 
@@ -76,6 +66,42 @@ def trained_model(args: argparse.Namespace, device: torch.device):  # type: igno
     return model, cfg, seconds
 
 
+def compare_samplers(model, cfg, args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
+    """Each sampler's time for N images and its FD-CNN, against the full DDPM chain."""
+    diffusion = build_diffusion(cfg)
+    fd_cnn = ClassifierFeatures()
+    reference = reference_stats(fd_cnn, cfg.data, "test", stats_dir(cfg.eval), device=device)
+    rows: dict[str, dict[str, float]] = {}
+    for label in [f"ddpm-{cfg.diffusion.timesteps}", *(s for s in args.samplers.split(",") if s)]:
+        kind, steps, *rest = label.split("-")
+        eta = float(rest[0].removeprefix("eta")) if rest else 0.0
+        images, seconds = _timed(device, generate, model, diffusion, args.n, image_shape(cfg.data), kind=kind,
+                                 steps=int(steps), seed=1, device=device, batch_size=args.sample_batch, eta=eta)
+        stats = feature_stats(fd_cnn, images, batch_size=500, device=device)
+        rows[label] = {"sample_s": seconds, "fd_cnn": frechet_distance(stats, reference)}
+        print(f"{label:>13}: {seconds:8.2f} s for {args.n} images, FD-CNN {rows[label]['fd_cnn']:8.2f}")
+    base = rows[f"ddpm-{cfg.diffusion.timesteps}"]
+    for label, row in rows.items():
+        print(f"{label:>13}: {base['sample_s'] / row['sample_s']:6.1f}x faster than the full chain, "
+              f"FD-CNN {100 * (row['fd_cnn'] / base['fd_cnn'] - 1):+6.1f} %")
+    return rows
+
+
+def feature_times(cfg, args: argparse.Namespace, device: torch.device) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Feature extraction for N images in each metric's network (real images: the time is the same)."""
+    images = load_split(cfg.data, "train").images[: args.n]
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(args.fid_weights) if args.fid_weights else _random_fid_weights(Path(tmp))
+        for key, space in (("fd_cnn_features_s", ClassifierFeatures()), ("fid_features_s", InceptionFeatures(weights))):
+            feature_stats(space, images[:8], batch_size=8, device=device)  # warm-up
+            _, out[key] = _timed(device, feature_stats, space, images, batch_size=200, device=device)
+    note = "" if args.fid_weights else " (random weights: a time, never a score)"
+    print(f"features of {args.n} images: FD-CNN {out['fd_cnn_features_s']:.2f} s, "
+          f"Inception (FID) {out['fid_features_s']:.2f} s{note}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -86,43 +112,21 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--save", default="")
     parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--ddim", default="25,50,100", help="DDIM step counts to compare")
+    parser.add_argument("--samplers", default="ddim-25,ddim-50,ddim-100,ddim-50-eta1,ddim-100-eta1,ddpm-50,ddpm-100,ddpm-200",
+                        help="KIND-STEPS[-etaE] to compare with ddpm-1000: ddim-50, ddim-50-eta1, ddpm-100 (strided)")
     parser.add_argument("--sample-batch", type=int, default=1000)
     parser.add_argument("--fid-weights", default="")
+    parser.add_argument("--features-only", action="store_true", help="only time the metrics' feature networks")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
     model, cfg, train_s = trained_model(args, device)
-    diffusion = build_diffusion(cfg)
-    shape = image_shape(cfg.data)
-    fd_cnn = ClassifierFeatures()
-    reference = reference_stats(fd_cnn, cfg.data, "test", stats_dir(cfg.eval), device=device)
     figures: dict[str, object] = {"device": name, "n": args.n, "train_s": train_s, "samplers": {}}
-    samplers = [("ddpm", None)] + [("ddim", int(s)) for s in args.ddim.split(",") if s]
-    for kind, steps in samplers:
-        images, seconds = _timed(device, generate, model, diffusion, args.n, shape, kind=kind, steps=steps,
-                                 seed=1, device=device, batch_size=args.sample_batch)
-        stats, feat_s = _timed(device, feature_stats, fd_cnn, images, batch_size=500, device=device)
-        label = f"{kind}-{steps or cfg.diffusion.timesteps}"
-        score = frechet_distance(stats, reference)
-        figures["samplers"][label] = {"sample_s": seconds, "fd_cnn": score, "fd_cnn_features_s": feat_s}  # type: ignore[index]
-        print(f"{label:>10}: {seconds:8.2f} s for {args.n} images, FD-CNN {score:8.2f} "
-              f"(features {feat_s:.2f} s)")
-    base = figures["samplers"]["ddpm-1000"]  # type: ignore[index]
-    for label, row in figures["samplers"].items():  # type: ignore[attr-defined]
-        print(f"{label:>10}: {base['sample_s'] / row['sample_s']:6.1f}x faster than DDPM-1000, "
-              f"FD-CNN {100 * (row['fd_cnn'] / base['fd_cnn'] - 1):+6.1f} %")
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(args.fid_weights) if args.fid_weights else _random_fid_weights(Path(tmp))
-        fid_net = InceptionFeatures(weights)
-        images = generate(model, diffusion, args.n, shape, kind="ddim", steps=50, seed=2, device=device,
-                          batch_size=args.sample_batch)
-        _, fid_s = _timed(device, feature_stats, fid_net, images, batch_size=200, device=device)
-    figures["fid_features_s"] = fid_s
-    note = "" if args.fid_weights else " (random weights: time only)"
-    print(f"Inception (FID) features for {args.n} images: {fid_s:.2f} s{note}")
+    if not args.features_only:
+        figures["samplers"] = compare_samplers(model, cfg, args, device)
+    figures.update(feature_times(cfg, args, device))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))
 

@@ -31,6 +31,16 @@ def _nvml_used_mib() -> dict[int, float]:
 
 
 def _worker(kind: str, args: argparse.Namespace, start: mp.Barrier, hold: mp.Barrier, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    try:
+        _work(kind, args, start, hold, out)
+    except BaseException as err:  # the parent must hear of it rather than wait at a barrier
+        out.put({"error": f"{type(err).__name__}: {err}"})
+        start.abort()
+        hold.abort()
+        raise
+
+
+def _work(kind: str, args: argparse.Namespace, start: mp.Barrier, hold: mp.Barrier, out: mp.Queue) -> None:  # type: ignore[type-arg]
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,6 +86,8 @@ def run(kind: str, procs: int, args: argparse.Namespace) -> dict[str, object]:
     for w in workers:
         w.start()
     rows = [out.get(timeout=900) for _ in workers]
+    if errors := [r["error"] for r in rows if "error" in r]:
+        raise SystemExit(f"a worker failed: {errors[0]}")
     hold.wait()
     used = _nvml_used_mib()
     hold.wait()

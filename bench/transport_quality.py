@@ -32,7 +32,8 @@ from fedapp.config import parse_config  # noqa: E402
 from fedapp.methods import cumulative_cost, is_personalized  # noqa: E402
 from fedapp.node_state import collect_node_models, state_root  # noqa: E402
 from fedapp.quality import QualityMeter  # noqa: E402
-from fedapp.records import load_record  # noqa: E402
+from fedapp.checkpoint import load_checkpoint  # noqa: E402
+from fedapp.records import load_record, model_to_record  # noqa: E402
 from fedapp.training import pick_device  # noqa: E402
 from fedapp.unet import part_sizes  # noqa: E402
 
@@ -46,10 +47,15 @@ def one_run(method: str, dtype: str, args: argparse.Namespace, workdir: Path) ->
         "eval.metric-samples": args.metric_samples, "eval.fid": "off", "eval.max-val-examples": 256,
         "output.progress": False, "train.node-state-dir": str(workdir / f"{method}-{dtype}"),
         "strategy.fraction-evaluate": 0.0,  # quality is measured below; client eval would only add messages
+        "eval.sampler": args.sampler.split("-")[0], "eval.sampler-steps": int(args.sampler.split("-")[1]),
     })
     run = InProcessRun(cfg, node_ids=[101 + 7 * i for i in range(args.clients)])
+    initial = None
+    if args.init:
+        model, _, _ = load_checkpoint(Path(args.init))
+        initial = model_to_record(model)
     started = time.perf_counter()
-    _, final = run.start()
+    _, final = run.start(initial)
     seconds = time.perf_counter() - started
     train = run.ledger.totals(message_type="train")
     sizes = part_sizes(build_model(cfg))
@@ -86,6 +92,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=0, help="cap on the training pool (0: all 60,000)")
     parser.add_argument("--metric-samples", type=int, default=1000)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--sampler", default="ddpm-50", help="the evaluation sampler, KIND-STEPS")
+    parser.add_argument("--init", default="", help="start from this checkpoint's model (a fine-tuning federation)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = RUN_ID, 1, 1  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -15,10 +16,12 @@ from fedapp.config import FedConfig, parse_config
 from fedapp.local_data import LocalData, local_data
 from fedapp.methods import ALL_PARTS, is_personalized, parts_keys, private_parts
 from fedapp.node_state import load_node_model, node_dir, save_node_model, state_root
-from fedapp.quality import QualityMeter
 from fedapp.records import load_record, model_to_record
 from fedapp.training import denoising_loss, pick_device, train_local
 from fedapp.unet import UNet, unet_parts
+
+if TYPE_CHECKING:
+    from fedapp.quality import QualityMeter
 
 app = ClientApp()
 
@@ -147,5 +150,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @lru_cache(maxsize=2)
 def quality_meter(cfg: FedConfig, device: torch.device) -> QualityMeter:
-    """One per process, so a ClientApp that serves many rounds loads its feature networks once."""
+    """One per process, so a ClientApp that serves many rounds loads its feature networks once.
+
+    Imported here: a deployed node starts a process per message, and only a personalized
+    client's evaluation on an eval round needs pytorch-fid and scipy.
+    """
+    from fedapp.quality import QualityMeter
     return QualityMeter(cfg, device)

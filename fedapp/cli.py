@@ -26,7 +26,7 @@ def _sample(args: argparse.Namespace) -> int:
         model.load_state_dict(clients[args.client])
     elif clients:
         print(f"note: personalized run; sampling the server's model, pick a client with --client {min(clients)}")
-    steps = args.steps if args.sampler == "ddim" else None
+    steps = args.steps or (50 if args.sampler == "ddim" else None)
     samples = generate(
         model, build_diffusion(cfg), args.n, image_shape(cfg.data),
         kind=args.sampler, steps=steps, seed=args.seed, device=device, progress=True,
@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, default=None, help="PNG path (default: next to the checkpoint)")
     sample.add_argument("--n", type=int, default=64, help="number of images")
     sample.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    sample.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always runs the full chain)")
+    sample.add_argument("--steps", type=int, default=0,
+                        help="grid steps (default: 50 for DDIM, the full chain for DDPM; DDPM-50 is strided)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     sample.add_argument("--client", type=int, default=None,

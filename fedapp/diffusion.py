@@ -130,13 +130,15 @@ class Diffusion:
         steps: int | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        eta: float = 0.0,
     ) -> torch.Tensor:
         """Run the reverse chain over the grid timesteps t with t_stop <= t < t_start.
 
         ``x`` is the state entering the first of those steps (pure noise when
         t_start = T). The result enters the next grid step below t_stop, or is the
         final sample when t_stop = 0. Two stretches that meet at the same cut, on the
-        same grid, compose to the full chain.
+        same grid, compose to the full chain. ``eta`` is DDIM's noise (0: deterministic,
+        1: ancestral on the DDIM grid); DDPM ignores it.
         """
         t_start = self.timesteps if t_start is None else t_start
         if not 0 <= t_stop <= t_start <= self.timesteps:
@@ -149,7 +151,8 @@ class Diffusion:
             for t in tqdm(todo, desc=f"{kind} sampling", disable=not progress, leave=False):
                 t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
                 eps = model(x, t_batch)
-                x = sched.step(eps, int(t), x, generator=generator).prev_sample
+                extra = {"eta": eta} if kind == "ddim" else {}
+                x = sched.step(eps, int(t), x, generator=generator, **extra).prev_sample
         finally:
             model.train(was_training)
         return x

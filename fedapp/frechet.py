@@ -9,16 +9,21 @@ computed once per data set, split, image size and feature network, and cached as
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import tempfile
 from dataclasses import dataclass
+from types import ModuleType
+from unittest import mock
 from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.common.logger import log
+from pytorch_fid import fid_score
 from pytorch_fid.fid_score import calculate_frechet_distance
+from scipy import linalg
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -75,8 +80,25 @@ def feature_stats(space: nn.Module, images: torch.Tensor, *, batch_size: int = 2
     return Stats(mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False), n=len(f))
 
 
+class _SqrtmWithDisp(ModuleType):
+    """scipy.linalg, with the ``sqrtm(..., disp=False)`` form that pytorch-fid 0.3 calls.
+
+    Newer scipy dropped ``disp``; pytorch-fid only reads the root, never the error estimate.
+    """
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(linalg, name)
+
+    @staticmethod
+    def sqrtm(a: np.ndarray, disp: bool = True) -> tuple[np.ndarray, float]:
+        return linalg.sqrtm(a), 0.0
+
+
 def frechet_distance(a: Stats, b: Stats) -> float:
-    return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    if "disp" in inspect.signature(linalg.sqrtm).parameters:
+        return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    with mock.patch.object(fid_score, "linalg", _SqrtmWithDisp("scipy.linalg")):
+        return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
 
 
 def stats_dir(ev: EvalConfig) -> Path:

@@ -26,6 +26,25 @@ class FIDWeightsUnavailable(RuntimeError):
     """No Inception weights could be had; the message is one line with every place tried."""
 
 
+def fid_inception_architecture() -> nn.Module:
+    """The FID network's layers with random weights, as a state dict's template.
+
+    Its features mean nothing: it serves to time feature extraction and to test code
+    paths where the real weights can't be downloaded. Nothing falls back to it.
+    """
+    net = pf_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b = pf_inception.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = pf_inception.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pf_inception.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = pf_inception.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = pf_inception.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = pf_inception.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = pf_inception.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = pf_inception.FIDInceptionE_1(1280)
+    net.Mixed_7c = pf_inception.FIDInceptionE_2(2048)
+    return net
+
+
 def hub_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
 

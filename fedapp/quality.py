@@ -20,7 +20,7 @@ from fedapp.sampling import generate
 
 def sampler_label(cfg: FedConfig) -> str:
     ev = cfg.eval
-    return f"ddim-{ev.sampler_steps}" if ev.sampler == "ddim" else f"ddpm-{cfg.diffusion.timesteps}"
+    return f"{ev.sampler}-{ev.sampler_steps}"
 
 
 class QualityMeter:
@@ -62,7 +62,7 @@ class QualityMeter:
         ev = self.cfg.eval
         samples = generate(
             model, diffusion, n, image_shape(self.cfg.data),
-            kind=ev.sampler, steps=ev.sampler_steps if ev.sampler == "ddim" else None,
+            kind=ev.sampler, steps=ev.sampler_steps,
             seed=self.cfg.seed if seed is None else seed, device=self.device, batch_size=ev.batch_size,
             progress=self.cfg.output.progress,
         )

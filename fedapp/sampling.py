@@ -20,6 +20,7 @@ def generate(
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     progress: bool = False,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """``n`` samples in [-1, 1] of (channels, side) = ``shape``; seeded, on the CPU at the end."""
     channels, side = shape
@@ -30,6 +31,6 @@ def generate(
     for first in range(0, n, batch_size):
         count = min(batch_size, n - first)
         x = diffusion.prior((count, channels, side, side), gen, device)
-        x = diffusion.sample(model, x, kind=kind, steps=steps, generator=gen, progress=progress)
+        x = diffusion.sample(model, x, kind=kind, steps=steps, generator=gen, progress=progress, eta=eta)
         out.append(x.cpu())
     return torch.cat(out) if out else torch.empty((0, channels, side, side))

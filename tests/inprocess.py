@@ -59,9 +59,9 @@ class InProcessRun:
             self.dtypes.append({a.dtype for r in message.content.array_records.values() for a in r.values()})
         return reply
 
-    def start(self) -> tuple[ArrayRecord, ArrayRecord]:
-        """(initial global arrays, final global arrays)."""
-        initial = model_to_record(build_model(self.cfg, seed=self.cfg.seed))
+    def start(self, initial: ArrayRecord | None = None) -> tuple[ArrayRecord, ArrayRecord]:
+        """(initial global arrays, final global arrays); the seeded initialization by default."""
+        initial = initial or model_to_record(build_model(self.cfg, seed=self.cfg.seed))
         grid, _ = server_grid(FakeGrid(self.node_ids, self.respond), self.ledger, self.cfg.transport.dtype)
         self.strategy = build_strategy(self.cfg)
         result = self.strategy.start(grid=grid, initial_arrays=initial, num_rounds=self.cfg.train.rounds)

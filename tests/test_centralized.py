@@ -53,7 +53,7 @@ def test_centralized_run_writes_the_same_outputs_as_a_federation(tmp_path: Path)
     for row in rows:
         assert row["train"]["train-steps"] == math.ceil(len(train) / 32)  # one epoch over the pool
         assert math.isfinite(row["evaluate"]["eval-loss"]) and row["comm"] == {}
-        assert row["quality"]["samples"] == 16 and row["quality"]["sampler"] == "ddim-4"
+        assert row["quality"]["samples"] == 16 and row["quality"]["sampler"] == "ddpm-4"
         assert math.isfinite(row["quality"]["fd-cnn"]) and row["quality"]["fd-cnn"] > 0
         assert (run.path / row["samples"]).stat().st_size > 0
         assert (run.path / row["checkpoint"]).is_file()

@@ -73,7 +73,7 @@ def test_flatten_unflatten() -> None:
         ("data.partitioner", "label-skew", lambda c: c.data.partitioner),
         ("model.dim-mults", "1,2", lambda c: c.model.mults),
         ("strategy.min-nodes", 5, lambda c: c.strategy.min_nodes),
-        ("eval.sampler", "ddpm", lambda c: c.eval.sampler),
+        ("eval.sampler", "ddim", lambda c: c.eval.sampler),
         ("seed", 42, lambda c: c.seed),
     ],
 )
@@ -228,4 +228,5 @@ if CONF_FILES:  # only generated when the repository ships run configs
 def test_ddim_steps_that_do_not_divide_t_are_a_config_error() -> None:
     message = config_error({"eval.sampler-steps": 7})
     assert "eval.sampler-steps" in message and "divide" in message
-    assert parse_config({"eval.sampler-steps": 7, "eval.sampler": "ddpm"}).eval.sampler_steps == 7
+    assert "divide" in config_error({"eval.sampler-steps": 7, "eval.sampler": "ddpm"})  # a strided DDPM grid too
+    assert parse_config({"eval.sampler-steps": 1000, "eval.sampler": "ddpm"}).eval.sampler_steps == 1000

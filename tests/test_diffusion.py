@@ -273,18 +273,23 @@ class _OracleEps(torch.nn.Module):
         return (x - a.sqrt() * self.target) / (1 - a).sqrt()
 
 
-@pytest.mark.parametrize("kind, steps", [("ddim", 50), ("ddim", 8), ("ddpm", None)])
-def test_sampler_and_training_noise_agree_on_the_schedule(kind: str, steps: int | None) -> None:
-    """An off-by-one between add_noise's t and the sampler's t would leave visible error."""
+@pytest.mark.parametrize("kind, steps, eta", [("ddim", 50, 0.0), ("ddim", 8, 0.0), ("ddim", 50, 1.0),
+                                             ("ddpm", None, 0.0), ("ddpm", 50, 0.0)])
+def test_sampler_and_training_noise_agree_on_the_schedule(kind: str, steps: int | None, eta: float) -> None:
+    """An off-by-one between add_noise's t and the sampler's t would leave visible error.
+
+    Strided DDPM (50 of 1000 steps) and stochastic DDIM (η = 1) must land on the target too.
+    """
     diffusion = Diffusion()
     target = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
     gen = torch.Generator().manual_seed(0)
     oracle = _OracleEps(diffusion, target)
-    full = diffusion.sample(oracle, diffusion.prior(target.shape, gen), kind=kind, steps=steps, generator=gen)
+    full = diffusion.sample(oracle, diffusion.prior(target.shape, gen), kind=kind, steps=steps, generator=gen,
+                            eta=eta)
     assert (full - target).abs().max() < 1e-4
     x_c = diffusion.sample(oracle, diffusion.prior(target.shape, gen), t_stop=300, kind=kind, steps=steps,
-                           generator=gen)
-    split = diffusion.sample(oracle, x_c, t_start=300, kind=kind, steps=steps, generator=gen)
+                           generator=gen, eta=eta)
+    split = diffusion.sample(oracle, x_c, t_start=300, kind=kind, steps=steps, generator=gen, eta=eta)
     assert (split - target).abs().max() < 1e-4
 
 

@@ -24,7 +24,7 @@ from fedapp.frechet import (
     frechet_distance,
     reference_stats,
 )
-from fedapp.inception import FIDWeightsUnavailable, InceptionFeatures, find_fid_weights
+from fedapp.inception import FIDWeightsUnavailable, InceptionFeatures, fid_inception_architecture, find_fid_weights
 
 HAVE_FMNIST = (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
@@ -194,26 +194,11 @@ def test_classifier_weights_are_found_outside_the_source_tree(tmp_path: Path, mo
     assert "\n" not in message and "eval.fd-cnn-weights" in message
 
 
-def _random_fid_inception() -> nn.Module:
-    """The FID Inception's architecture with random weights: for code-path tests only."""
-    net = pf_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b = pf_inception.FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = pf_inception.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = pf_inception.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = pf_inception.FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = pf_inception.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = pf_inception.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = pf_inception.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = pf_inception.FIDInceptionE_1(1280)
-    net.Mixed_7c = pf_inception.FIDInceptionE_2(2048)
-    return net
-
-
 @pytest.fixture(scope="module")
 def test_written_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("fid") / "random-inception.pth"
-    torch.save(_random_fid_inception().state_dict(), path)
+    torch.save(fid_inception_architecture().state_dict(), path)
     return path
 
 
@@ -258,3 +243,18 @@ def test_fid_code_path_with_test_written_weights(tmp_path: Path, test_written_we
 def test_stats_dataclass_holds_counts() -> None:
     s = feature_stats(MeanPool(), torch.zeros(3, 1, 28, 28))
     assert isinstance(s, Stats) and s.n == 3 and s.sigma.shape == (49, 49)
+
+
+def test_the_distance_is_the_same_with_a_scipy_without_sqrtm_disp(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    fa, fb = rng.normal(size=(50, 4)), rng.normal(0.5, 1.2, size=(60, 4))
+    a = frechet.Stats(fa.mean(0), np.cov(fa, rowvar=False), 50)
+    b = frechet.Stats(fb.mean(0), np.cov(fb, rowvar=False), 60)
+    expected = frechet.frechet_distance(a, b)
+    real_sqrtm = frechet.linalg.sqrtm
+
+    def sqrtm_without_disp(m: np.ndarray) -> np.ndarray:  # scipy >= 1.18's signature
+        return real_sqrtm(m)
+
+    monkeypatch.setattr(frechet.linalg, "sqrtm", sqrtm_without_disp)
+    assert frechet.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)

@@ -87,7 +87,7 @@ def test_the_server_scores_the_global_model_on_eval_rounds(tmp_path: Path) -> No
     rows = read_jsonl(run_dir.metrics_path)
     assert "quality" not in rows[0]
     quality = rows[1]["quality"]
-    assert quality["fd-cnn"] > 0 and quality["samples"] == 8 and quality["sampler"] == "ddim-4"
+    assert quality["fd-cnn"] > 0 and quality["samples"] == 8 and quality["sampler"] == "ddpm-4"
     assert "fid" not in quality and "fd-cnn-std" not in quality
 
 

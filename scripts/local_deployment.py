@@ -1,0 +1,277 @@
+"""fedapp on Flower's deployment engine, on one machine: a SuperLink and N SuperNodes on loopback.
+
+Unlike the simulation, every message starts a fresh ClientApp process on its SuperNode, as in a real
+federation. A small try (about 5 minutes on 2 CPU cores):
+
+    python scripts/local_deployment.py --nodes 2 --workdir /tmp/fedapp-deployment -- \\
+        model.dim=8 model.dim-mults=1,2 data.max-train-examples=400 train.rounds=3 \\
+        train.max-steps-per-round=2 train.batch-size=16 eval.every=0 eval.metric-samples=0 eval.fid=off
+
+The workdir gets one log per process, Flower's home (flwr-home/), the SuperLink's database, the runs
+(runs/) and the nodes' state (nodes/). Only the processes started here are stopped, by process id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Mapping
+from contextlib import ExitStack, suppress
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the Flower CLIs start flower-superexec and the apps from PATH
+CONNECTION = "local-deployment"
+HOST = "127.0.0.1"
+
+
+def free_ports(count: int) -> list[int]:
+    """Held open together, so the ports are distinct; a race with another program stays possible."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def toml_value(value: object) -> str:
+    """One value as `flwr run --run-config` reads it: its parser allows no quote inside a string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    if '"' not in text:
+        return json.dumps(text, ensure_ascii=False)
+    if "'" not in text:
+        return f"'{text}'"
+    raise ValueError(f"a run-config string cannot hold both quote kinds: {text!r}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """`k=v` as TOML, with bare words taken as strings, so `eval.fid=off` works unquoted."""
+    config: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {item!r}")
+        try:
+            config[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            config[key] = raw
+    return config
+
+
+class LocalDeployment:
+    """Context manager: the processes start on entry and are stopped on exit, exceptions included."""
+
+    def __init__(self, workdir: Path, num_nodes: int, port: int | None = None, *,
+                 env: Mapping[str, str] | None = None, link_env: Mapping[str, str] | None = None,
+                 startup_timeout: float = 60.0, grace: float = 10.0) -> None:
+        """`env` goes to every process; `link_env` only to the SuperLink and the ServerApp it starts."""
+        self.workdir, self.num_nodes = Path(workdir).resolve(), num_nodes
+        ports = free_ports(num_nodes + 1)
+        self.port = port or ports[0]
+        self.node_ports = [p for p in ports if p != self.port][:num_nodes]
+        self.flwr_home = self.workdir / "flwr-home"
+        self.startup_timeout, self.grace = startup_timeout, grace
+        self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+        self.link_env = {**self.env, **(link_env or {})}
+        self.procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+
+    def __enter__(self) -> LocalDeployment:
+        with socket.socket() as sock:  # else the wait below could take another program for the SuperLink
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((HOST, self.port))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "pids.txt").write_text("")  # for cleaning up by hand if this process is killed
+        self._write_connection()
+        try:
+            link = self._start("superlink", "flower-superlink", "--port", str(self.port),
+                               "--database", str(self.workdir / "state.db"), env=self.link_env)
+            self._wait_for_port(self.port, "superlink", link)
+            nodes = [self._start(f"supernode-{i}", "flower-supernode", "--port", str(node_port),
+                                 "--superlink", f"{HOST}:{self.port}",
+                                 "--node-config", f"partition-id={i} num-partitions={self.num_nodes}")
+                     for i, node_port in enumerate(self.node_ports)]
+            for i, (node_port, node) in enumerate(zip(self.node_ports, nodes)):
+                self._wait_for_port(node_port, f"supernode-{i}", node)  # fails here, not mid-run
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _write_connection(self) -> None:
+        """Our own FLWR_HOME, so a user's ~/.flwr and its managed local SuperLink are never involved."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{HOST}:{self.port}"\ninsecure = true\n')
+
+    def _start(self, name: str, program: str, *args: str,
+               env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """A session of its own, so a Ctrl-C reaches only us and its group holds most of what it spawns."""
+        handle = (self.workdir / f"{name}.log").open("wb")
+        proc = subprocess.Popen([str(BIN / program), "--insecure", "--host", HOST, *args], stdout=handle,
+                                stderr=subprocess.STDOUT, env=env or self.env, cwd=self.workdir,
+                                start_new_session=True)
+        self.procs.append((proc, handle))
+        with (self.workdir / "pids.txt").open("a") as pids:
+            pids.write(f"{proc.pid} {name}\n")
+        return proc
+
+    def _wait_for_port(self, port: int, name: str, proc: subprocess.Popen[bytes]) -> None:
+        log_path = self.workdir / f"{name}.log"
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; see {log_path}")
+            try:
+                socket.create_connection((HOST, port), timeout=1.0).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"{name} did not accept connections on {HOST}:{port} "
+                           f"within {self.startup_timeout:.0f} s; see {log_path}")
+
+    def stop(self) -> None:
+        """SIGTERM to what we started and all it spawned, then SIGKILL to whatever outlives the grace.
+
+        The tree is read before any signal: the SuperLink starts its SuperExec, and that the ServerApp,
+        in sessions of their own, out of reach of our process groups and orphaned once a parent exits.
+        """
+        spawned = [child for proc, _ in self.procs for child in _descendants(proc.pid)]
+        for proc, _ in reversed(self.procs):
+            _signal_group(proc.pid, signal.SIGTERM)
+        _kill(spawned, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline and (any(proc.poll() is None for proc, _ in self.procs)
+                                               or any(_alive(child) for child in spawned)):
+            time.sleep(0.1)
+        for proc, handle in self.procs:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            handle.close()
+        _kill(spawned, signal.SIGKILL)
+        self.procs.clear()
+
+    def run(self, run_config: Mapping[str, object], timeout: float, app: Path = REPO,
+            echo: bool = False) -> subprocess.CompletedProcess[str]:
+        """`flwr run --stream`, its output kept in flwr-run.log; exit 0 does not mean the run succeeded."""
+        command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream"]
+        if run_config:
+            command += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
+        expired = threading.Event()
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=self.env, cwd=app, start_new_session=True) as proc:
+
+            def expire() -> None:
+                expired.set()
+                _signal_group(proc.pid, signal.SIGKILL)
+
+            timer = threading.Timer(timeout, expire)
+            timer.start()
+            try:
+                output = _tee(proc.stdout, self.workdir / "flwr-run.log", echo)  # type: ignore[arg-type]
+                proc.wait()
+            finally:
+                timer.cancel()
+                if proc.poll() is None:  # interrupted: leave no flwr behind
+                    _signal_group(proc.pid, signal.SIGKILL)
+        if expired.is_set():
+            raise subprocess.TimeoutExpired(command, timeout, output=output)
+        return subprocess.CompletedProcess(command, proc.returncode, output)
+
+
+def _tee(stream: IO[str], path: Path, echo: bool) -> str:
+    """Written as it arrives, so a run cut short still leaves its log behind."""
+    lines = []
+    with path.open("w") as log:
+        for line in stream:
+            lines.append(line)
+            log.write(line)
+            log.flush()
+            if echo:
+                print(line, end="", flush=True)
+    return "".join(lines)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _kill(processes: list[tuple[int, str]], sig: int) -> None:
+    for pid, _ in filter(_alive, processes):
+        with suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _stat(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the name: [0] state, [1] parent pid, [19] start time. Linux only."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every process below `pid`; the start time tells a reused pid apart."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        if fields := _stat(entry.name):
+            children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += [child for child, _ in below]
+    return found
+
+
+def _alive(process: tuple[int, str]) -> bool:
+    fields = _stat(process[0])
+    return bool(fields) and fields[19] == process[1] and fields[0] != "Z"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Overrides after -- are run-config k=v pairs.")
+    parser.add_argument("--nodes", type=int, default=2, help="SuperNodes, one partition each")
+    parser.add_argument("--workdir", type=Path, required=True, help="logs, Flower home, runs, node state")
+    parser.add_argument("--port", type=int, default=None, help="SuperLink port (default: a free one)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed for the run")
+    parser.add_argument("overrides", nargs="*", help="run config, e.g. train.rounds=2")
+    args = parser.parse_args()
+    workdir = args.workdir.resolve()
+    config: dict[str, object] = {"output.dir": str(workdir / "runs"), "strategy.min-nodes": args.nodes,
+                                 "train.node-state-dir": str(workdir / "nodes"),
+                                 **parse_overrides(args.overrides)}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `kill` still stops the deployment
+    with LocalDeployment(workdir, args.nodes, args.port) as deployment:
+        print(f"SuperLink on {HOST}:{deployment.port}, {args.nodes} SuperNodes; logs in {workdir}",
+              flush=True)
+        result = deployment.run(config, args.timeout, echo=True)
+    print(f"\nflwr run exited with {result.returncode}. Logs: {workdir}/superlink.log, "
+          f"{workdir}/supernode-*.log, {workdir}/flwr-run.log; runs in {config['output.dir']}")
+    sys.exit(result.returncode)
+
+
+if __name__ == "__main__":
+    main()
