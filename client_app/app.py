@@ -123,7 +123,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     if is_personalized(cfg.strategy.name):
         save_node_model(directory, model.state_dict(), pid, server_round)
-    reply = RecordDict({"arrays": model_to_record(model, keys=report_keys, dtype=cfg.transport.dtype), "metrics": metrics})
+    arrays = model_to_record(model, keys=report_keys, dtype=cfg.transport.dtype)
+    reply = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(reply, reply_to=msg)
 
 

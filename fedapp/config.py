@@ -128,10 +128,13 @@ class EvalConfig(_Section):
         return self.every > 0 and (server_round % self.every == 0 or server_round == rounds)
 
 
+TransportDtype = Literal["float32", "float16", "bfloat16"]
+
+
 class TransportConfig(_Section):
     """How model arrays travel. Narrow floats halve the bytes; both ends average and train in float32."""
 
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: TransportDtype = "float32"
 
 
 class OutputConfig(_Section):
@@ -237,7 +240,7 @@ def parse_config(run_config: Mapping[str, Any]) -> FedConfig:
             f"must be greater than diffusion.beta-start ({cfg.diffusion.beta_start!r})"
         )
     ev = cfg.eval
-    if cfg.diffusion.timesteps % ev.sampler_steps or ev.sampler_steps > cfg.diffusion.timesteps:
+    if cfg.diffusion.timesteps % ev.sampler_steps:  # also catches steps > T
         raise ConfigError(
             f"invalid config: eval.sampler-steps = {ev.sampler_steps}: sampler steps must divide "
             f"diffusion.timesteps ({cfg.diffusion.timesteps}), e.g. 10, 20, 50, 100"

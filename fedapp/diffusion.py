@@ -145,13 +145,13 @@ class Diffusion:
             raise ValueError(f"invalid stretch: need 0 <= t_stop ({t_stop}) <= t_start ({t_start}) <= {self.timesteps}")
         sched = self.sampler(kind, steps)
         todo = [t for t in sched.timesteps if t_stop <= int(t) < t_start]
+        extra = {"eta": eta} if kind == "ddim" else {}  # DDPMScheduler.step takes no eta
         was_training = model.training
         model.eval()
         try:
             for t in tqdm(todo, desc=f"{kind} sampling", disable=not progress, leave=False):
                 t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
                 eps = model(x, t_batch)
-                extra = {"eta": eta} if kind == "ddim" else {}
                 x = sched.step(eps, int(t), x, generator=generator, **extra).prev_sample
         finally:
             model.train(was_training)

@@ -13,10 +13,10 @@ import inspect
 import os
 import tempfile
 from dataclasses import dataclass
-from types import ModuleType
-from unittest import mock
 from logging import WARNING
 from pathlib import Path
+from types import ModuleType
+from unittest import mock
 
 import numpy as np
 import torch

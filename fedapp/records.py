@@ -9,7 +9,7 @@ as their raw bytes under a stype of our own; only :func:`decode_record` reads th
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import get_args
 
 import numpy as np
 import torch
@@ -17,8 +17,9 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import nn
 
-TransportDtype = Literal["float32", "float16", "bfloat16"]
-TRANSPORT_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+from fedapp.config import TransportDtype
+
+TRANSPORT_DTYPES: tuple[str, ...] = get_args(TransportDtype)
 RAW_BF16 = "fedapp.raw-bfloat16"  # Array.stype of a bfloat16 array sent as its bytes
 
 

@@ -6,7 +6,8 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedapp.comm import CommLedger
-from fedapp.records import TransportDtype, recast_record, record_dtypes
+from fedapp.config import TransportDtype
+from fedapp.records import recast_record, record_dtypes
 from server_app.grid_wrapper import GridWrapper
 from server_app.metering import MeteredGrid
 
