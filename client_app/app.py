@@ -1,22 +1,37 @@
-"""ClientApp: local DDPM training and held-out denoising loss on this node's partition."""
+"""ClientApp: local DDPM training and held-out denoising loss on this node's partition.
+
+FedDiffuse's methods use the default ``train``/``evaluate`` actions; CollaFuse's split
+learning uses its own named actions, ``train.collafuse`` and ``evaluate.collafuse``.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedapp.builders import build_diffusion, build_model
+from fedapp.collafuse import client_half, client_round
 from fedapp.config import FedConfig, parse_config
+from fedapp.datasets import to_uint8
+from fedapp.disclosure import audit_upload, similarity
 from fedapp.local_data import LocalData, local_data
 from fedapp.methods import ALL_PARTS, is_personalized, parts_keys, private_parts
-from fedapp.node_state import load_node_model, node_dir, save_node_model, state_root
-from fedapp.records import load_record, model_to_record
+from fedapp.node_state import (
+    load_node_file,
+    load_node_model,
+    node_dir,
+    save_node_file,
+    save_node_model,
+    state_root,
+)
+from fedapp.records import decode_array, decode_record, encode_tensor, load_record, model_to_record
 from fedapp.training import denoising_loss, pick_device, train_local
 from fedapp.unet import UNet, unet_parts
 
@@ -158,3 +173,109 @@ def quality_meter(cfg: FedConfig, device: torch.device) -> QualityMeter:
     """
     from fedapp.quality import QualityMeter
     return QualityMeter(cfg, device)
+
+
+# ------------------------------------------------------------------------------------ CollaFuse
+AUDIT_FILE = "collafuse-audit.pt"
+
+
+def _cut(cfg: FedConfig, msg: Message) -> int:
+    """t_c, which the server states in every message; both sides must have derived the same one."""
+    own = cfg.collafuse.cut(cfg.diffusion.timesteps)
+    sent = int(msg.content["config"].get("t-c", own))  # type: ignore[call-overload]
+    if sent != own:
+        raise ValueError(f"server's cut t_c = {sent} but this node's config gives {own}; run configs differ")
+    return own
+
+
+def own_model(cfg: FedConfig, context: Context) -> tuple[UNet, Path, bool]:
+    """This client's private denoiser from its disk (the seeded initialization before its first round)."""
+    directory = node_dir(state_root(cfg.train.node_state_dir), context.run_id, context.node_id)
+    model = build_model(cfg, seed=cfg.seed)
+    saved = load_node_model(directory)
+    if saved is not None:
+        model.load_state_dict(saved["model"])  # type: ignore[arg-type]
+    return model, directory, saved is not None
+
+
+@app.train("collafuse")
+def collafuse_train(msg: Message, context: Context) -> Message:
+    """Train the own model below the cut; send the server the draws above it (never the images)."""
+    cfg, pid, num, data = _node_job(context)
+    t_cut = _cut(cfg, msg)
+    server_round = int(msg.content["config"]["server-round"])
+    model, directory, _ = own_model(cfg, context)
+    diffusion = build_diffusion(cfg)
+    done, upload = client_round(
+        model, diffusion, data.train.images, t_cut,
+        epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+        seed=cfg.seed * 1_000_003 + server_round * 1009 + pid, device=pick_device(cfg.train.device),
+        upload_cap=cfg.collafuse.upload_samples, max_steps=cfg.train.max_steps_per_round,
+        progress=cfg.output.progress, desc=f"collafuse client {pid} round {server_round}",
+    )
+    save_node_model(directory, model.state_dict(), pid, server_round)
+    record = upload.record(cfg.transport.dtype)
+    sent = decode_record(record)  # the audit scores exactly what the server receives
+    keep = min(cfg.collafuse.audit_samples, len(upload))
+    save_node_file(directory, AUDIT_FILE, {"round": server_round, "x0": upload.x0[:keep]})
+    metrics = MetricRecord({
+        "num-examples": len(data.train),
+        "train-loss": done.own.loss,
+        "train-steps": done.own.steps,
+        "train-seconds": done.own.seconds,
+        "client-samples": done.own.images,
+        "drawn-samples": done.drawn,
+        "upload-samples": len(upload),
+        "partition-id": pid,
+        "num-partitions": num,
+        **audit_upload(diffusion, sent["x-t"], sent["t"], sent["target"], upload.x0),
+    })
+    return Message(RecordDict({"upload": record, "metrics": metrics}), reply_to=msg)
+
+
+def _audit_denoiser(directory: Path, arrays: ArrayRecord, audit_round: int) -> dict[str, float]:
+    """The server's own reconstruction of this client's last upload, scored against the real images."""
+    stored = load_node_file(directory, AUDIT_FILE)
+    if "audit-x0" not in arrays or stored is None or int(stored["round"]) != audit_round:  # type: ignore[call-overload]
+        return {}
+    rebuilt = decode_array(arrays["audit-x0"])
+    real: torch.Tensor = stored["x0"]  # type: ignore[assignment]
+    if rebuilt.shape != real.shape:
+        raise ValueError(f"server sent {tuple(rebuilt.shape)} reconstructions for {tuple(real.shape)} audit images")
+    return similarity(rebuilt, real, "audit-denoise")
+
+
+@app.evaluate("collafuse")
+def collafuse_evaluate(msg: Message, context: Context) -> Message:
+    """Finish the server's x_{t_c} with the own model, score the samples, and audit the server's guess."""
+    cfg, pid, _, data = _node_job(context)
+    t_cut = _cut(cfg, msg)
+    config = msg.content["config"]
+    device = pick_device(cfg.train.device)
+    model, directory, trained = own_model(cfg, context)
+    if t_cut > 0 and not trained:
+        raise RuntimeError(f"node {context.node_id} owns t < {t_cut} but has no model of its own in {directory} yet")
+    diffusion = build_diffusion(cfg)
+    images = data.val.images[: cfg.eval.max_val_examples or len(data.val)]
+    metrics = MetricRecord({"num-examples": len(images), "partition-id": pid})
+    if t_cut > 0:  # the held-out loss on the timesteps this client owns
+        metrics["eval-loss"] = denoising_loss(model, diffusion, images, batch_size=cfg.eval.batch_size,
+                                              seed=cfg.seed + 7 * pid, device=device, t_range=(0, t_cut))
+    arrays = msg.content.array_records.get("split", ArrayRecord())
+    metrics.update(_audit_denoiser(directory, arrays, int(config.get("audit-round", 0))))  # type: ignore[call-overload]
+    reply = RecordDict({"metrics": metrics})
+    x = decode_array(arrays["x-cut"]) if "x-cut" in arrays else torch.empty(0)
+    if len(x):
+        ev = cfg.eval
+        started = time.perf_counter()
+        samples = client_half(model, diffusion, x, t_cut, kind=ev.sampler, steps=ev.sampler_steps,
+                              seed=int(config["sample-seed"]), device=device,  # type: ignore[call-overload]
+                              batch_size=ev.batch_size)
+        metrics["infer-seconds"] = time.perf_counter() - started
+        metrics["infer-images"] = len(samples)
+        meter = quality_meter(cfg, device)
+        if meter.enabled and len(samples) >= ev.metric_samples:
+            metrics.update(meter.score(samples[: ev.metric_samples]))
+        reply["samples"] = ArrayRecord({"images": encode_tensor(to_uint8(samples[: ev.num_samples]))})
+    return Message(reply, reply_to=msg)
+

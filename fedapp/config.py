@@ -95,11 +95,27 @@ class StrategyConfig(_Section):
     """Which aggregation method, and how many nodes take part."""
 
     # centralized: the same model, data and epochs in one process, the baseline of every comparison
-    name: Literal["full", "usplit", "ulatdec", "udec", "centralized"] = "full"
+    # collafuse: split learning over the timesteps (its own section below), not a FedAvg of weights
+    name: Literal["full", "usplit", "ulatdec", "udec", "collafuse", "centralized"] = "full"
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_nodes: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0)
+
+
+class CollafuseConfig(_Section):
+    """CollaFuse: the server's model owns t >= t_c = round(cut_ratio * T), each client's own model t < t_c."""
+
+    cut_ratio: float = Field(0.2, ge=0.0, le=1.0)  # the clients' share of the chain; the authors' code: 0.2
+    upload_samples: int = Field(4096, ge=1)  # most (x_t, t, target) triples a client sends per round
+    server_epochs: int = Field(1, ge=1)  # passes of the server's optimizer over what it received
+    # Kept by each client from its last upload: the server denoises them and the client scores the
+    # reconstruction against its real images (the audit of what the server's own model can rebuild).
+    audit_samples: int = Field(256, ge=0)
+
+    def cut(self, timesteps: int) -> int:
+        """t_c: the first timestep the server owns."""
+        return round(self.cut_ratio * timesteps)
 
 
 class EvalConfig(_Section):
@@ -156,6 +172,7 @@ class FedConfig(_Section):
     strategy: StrategyConfig = StrategyConfig()
     eval: EvalConfig = EvalConfig()
     transport: TransportConfig = TransportConfig()
+    collafuse: CollafuseConfig = CollafuseConfig()
     output: OutputConfig = OutputConfig()
 
     def flat(self) -> dict[str, Any]:

@@ -83,7 +83,17 @@ class Diffusion:
     ) -> torch.Tensor:
         """The ε-prediction loss on timesteps drawn from ``t_range`` = [lo, hi) (all by default)."""
         x_t, t, noise = self.noised(x0, t_range, generator)
-        return self._loss_fn(model(x_t, t), noise)
+        return self.loss_on(model, x_t, t, noise)
+
+    def loss_on(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The ε-prediction loss on given triples: CollaFuse's server trains on what it received."""
+        return self._loss_fn(model(x_t, t), target)
+
+    def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0 = (x_t - √(1-ᾱ_t)·ε) / √ᾱ_t: whoever holds x_t, t and ε (or a guess of ε) can solve for x0."""
+        abar = self.scheduler.alphas_cumprod.to(device=x_t.device, dtype=x_t.dtype)[t.long()]
+        abar = abar.view(-1, *([1] * (x_t.dim() - 1)))
+        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
     # ----------------------------------------------------------------------------- sampling
     def sampler(self, kind: Sampler = "ddim", steps: int | None = None) -> DDPMScheduler | DDIMScheduler:

@@ -34,6 +34,11 @@ def is_personalized(method: str) -> bool:
     return bool(private_parts(method))
 
 
+def clients_own_models(method: str) -> bool:
+    """Methods that end with a model per client, scored by each client (CollaFuse's split ones too)."""
+    return is_personalized(method) or method == "collafuse"
+
+
 def usplit_assignment(node_ids: Sequence[int], rng: random.Random) -> dict[int, tuple[str, ...]]:
     """One round's USplit reporting tasks.
 

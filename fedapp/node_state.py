@@ -42,6 +42,16 @@ def load_node_model(directory: Path) -> dict[str, object] | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def save_node_file(directory: Path, name: str, payload: dict[str, object]) -> Path:
+    """Other state a node keeps between messages (CollaFuse's audit images), written atomically."""
+    return atomic_torch_save(payload, directory / name)
+
+
+def load_node_file(directory: Path, name: str) -> dict[str, object] | None:
+    path = directory / name
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
 def collect_node_models(root: Path, run_id: int) -> dict[int, dict[str, torch.Tensor]]:
     """Every node's model of a run that this machine can see, by partition id (simulation)."""
     out: dict[int, dict[str, torch.Tensor]] = {}

@@ -14,12 +14,12 @@ from fedapp.centralized import run_centralized
 from fedapp.checkpoint import save_checkpoint
 from fedapp.comm import CommLedger, format_summary
 from fedapp.config import ConfigError, parse_config
-from fedapp.methods import is_personalized
+from fedapp.methods import clients_own_models
 from fedapp.records import model_to_record
 from fedapp.rundir import RunDir
 from server_app.recorder import RoundRecorder
 from server_app.transport import server_grid
-from strategies import build_strategy
+from strategies import CollaFuse, build_strategy
 
 app = ServerApp()
 
@@ -43,8 +43,10 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(cfg, seed=cfg.seed)
     ledger = CommLedger()
     strategy_grid, metered = server_grid(grid, ledger, cfg.transport.dtype)
-    recorder = RoundRecorder(cfg, run, model, build_diffusion(cfg), metered, ledger, run_id=context.run_id)
     strategy = build_strategy(cfg)
+    split = strategy if isinstance(strategy, CollaFuse) else None
+    recorder = RoundRecorder(cfg, run, model, build_diffusion(cfg), metered, ledger, run_id=context.run_id,
+                             split=split)
     started = time.perf_counter()
     result = strategy.start(
         grid=strategy_grid,
@@ -56,9 +58,9 @@ def main(grid: Grid, context: Context) -> None:
     clients = recorder.client_models()
     final = save_checkpoint(
         run.path / "final.pt", cfg, cfg.train.rounds, recorder.model,
-        extra={"comm": ledger.rows(), "metrics": recorder.rows, "clients": clients},
+        extra={"comm": ledger.rows(), "metrics": recorder.rows, "clients": clients, **recorder.server_state()},
     )
-    if is_personalized(cfg.strategy.name):
+    if clients_own_models(cfg.strategy.name):
         log(INFO, "final checkpoint holds %d client models (fedapp sample %s --client ID)", len(clients), final)
     log(INFO, "communication (all rounds):\n%s", format_summary(ledger))
     log(INFO, "fedapp finished in %.1f s; final checkpoint %s", time.perf_counter() - started, final)

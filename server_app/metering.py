@@ -40,7 +40,7 @@ class MeteredGrid(GridWrapper):
             content = None if reply.has_error() else reply.content
             self.ledger.add(self.current_round, reply.metadata.src_node_id, "up",
                             reply.metadata.message_type, content)
-            key = (self.current_round, reply.metadata.message_type)
+            key = (self.current_round, reply.metadata.message_type.split(".")[0])  # named actions too
             if content is not None:
                 self.metrics[key].append(RecordDict(dict(content.metric_records)))
             else:
@@ -48,7 +48,7 @@ class MeteredGrid(GridWrapper):
         return replies
 
     def round_metrics(self, server_round: int, message_type: str) -> list[RecordDict]:
-        """The MetricRecords of the round's successful replies of one message type."""
+        """The MetricRecords of the round's successful replies of one category ('train', 'evaluate')."""
         return list(self.metrics.get((server_round, message_type), []))
 
     def round_errors(self, server_round: int, message_type: str) -> list[tuple[int, str]]:

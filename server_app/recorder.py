@@ -6,6 +6,7 @@ import copy
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from flwr.app import ArrayRecord, MessageType, MetricRecord
@@ -21,7 +22,7 @@ from fedapp.diffusion import Diffusion
 from fedapp.frechet import METRIC_NAMES
 from fedapp.images import save_grid
 from fedapp.local_data import pool_partitioner
-from fedapp.methods import is_personalized
+from fedapp.methods import clients_own_models, is_personalized
 from fedapp.node_state import collect_node_models, state_root
 from fedapp.partition import plot_label_distribution
 from fedapp.quality import QualityMeter, sampler_label
@@ -32,12 +33,23 @@ from fedapp.unet import UNet
 from server_app.metering import MeteredGrid
 
 
+class SplitServer(Protocol):
+    """What a split-learning strategy (CollaFuse) reports beyond the weights."""
+
+    def round_report(self, server_round: int) -> dict[str, object]: ...
+
+    def client_samples(self, server_round: int) -> dict[int, torch.Tensor]: ...
+
+    def state(self) -> dict[str, object]: ...
+
+
 class RoundRecorder:
     """The strategy's ``evaluate_fn``: called for round 0 and after every round."""
 
     def __init__(self, cfg: FedConfig, run: RunDir, model: UNet, diffusion: Diffusion,
-                 grid: MeteredGrid, ledger: CommLedger, run_id: int = 0) -> None:
+                 grid: MeteredGrid, ledger: CommLedger, run_id: int = 0, split: SplitServer | None = None) -> None:
         self.cfg, self.run, self.model, self.diffusion = cfg, run, model, diffusion
+        self.split = split
         self.run_id = run_id
         self.grid, self.ledger = grid, ledger
         self.device = pick_device(cfg.train.device)
@@ -65,9 +77,11 @@ class RoundRecorder:
             "evaluate": self._aggregate(server_round, MessageType.EVALUATE),
             "comm": self.ledger.round_summary(server_round),
         }
+        if self.split is not None:
+            row["collafuse"] = self.split.round_report(server_round)
         checkpoint = save_checkpoint(
             self.run.checkpoint_path(server_round), self.cfg, server_round, self.model,
-            extra={"comm": self.ledger.rows(), "metrics": self.rows + [row]},
+            extra={"comm": self.ledger.rows(), "metrics": self.rows + [row], **self.server_state()},
         )
         row["checkpoint"] = str(checkpoint.relative_to(self.run.path))
         if self.cfg.eval.is_eval_round(server_round, self.cfg.train.rounds):
@@ -91,7 +105,7 @@ class RoundRecorder:
         contents = self.grid.round_metrics(server_round, message_type)
         if not contents:
             return {}
-        personal = message_type == MessageType.EVALUATE and is_personalized(self.cfg.strategy.name)
+        personal = message_type == MessageType.EVALUATE and clients_own_models(self.cfg.strategy.name)
         merged = (mean_std_over_clients if personal else aggregate_metricrecords)(contents, "num-examples")
         return {k: v for k, v in merged.items() if k not in IDENTIFIERS and not isinstance(v, list)}  # type: ignore[misc]
 
@@ -104,9 +118,13 @@ class RoundRecorder:
         log(ERROR, "%s", message)
         raise SystemExit(f"fedapp: {message}")
 
+    def server_state(self) -> dict[str, object]:
+        """Server-side state a checkpoint carries besides the model (CollaFuse's optimizer)."""
+        return self.split.state() if self.split is not None else {}
+
     def client_models(self) -> dict[int, dict[str, torch.Tensor]]:
         """Each client's own model, by partition id, where this machine can see the nodes' disks."""
-        if not is_personalized(self.cfg.strategy.name):
+        if not clients_own_models(self.cfg.strategy.name):
             return {}
         return collect_node_models(state_root(self.cfg.train.node_state_dir), self.run_id)
 
@@ -115,15 +133,15 @@ class RoundRecorder:
         ev = self.cfg.eval
         path = self.run.samples_path(server_round)
         quality: dict[str, object] = {}
-        if not is_personalized(self.cfg.strategy.name):
+        if self.split is not None:
+            quality.update(self._client_scores(evaluate))
+            self._split_grids(server_round, path)
+        elif not is_personalized(self.cfg.strategy.name):
             scores, samples = self._measure(self.model, ev.num_samples)
             save_grid(samples, path)
             quality.update(scores)
         else:
-            for key in [k for k in evaluate if k.removesuffix("-std") in METRIC_NAMES]:
-                quality[key] = evaluate.pop(key)
-            if quality:
-                quality["clients"] = evaluate.get("clients", 0.0)
+            quality.update(self._client_scores(evaluate))
             clients = self.client_models()
             if clients:
                 per_client = max(1, ev.num_samples // len(clients))
@@ -139,6 +157,26 @@ class RoundRecorder:
         if any(k in quality for k in METRIC_NAMES):
             quality.update({"samples": ev.metric_samples, "sampler": sampler_label(self.cfg)})
         return quality, path
+
+    @staticmethod
+    def _client_scores(evaluate: dict[str, float]) -> dict[str, object]:
+        """The clients' own Fréchet scores (mean and std over clients), moved out of the evaluate row."""
+        quality: dict[str, object] = {k: evaluate.pop(k) for k in list(evaluate) if k.removesuffix("-std") in METRIC_NAMES}
+        if quality:
+            quality["clients"] = evaluate.get("clients", 0.0)
+        return quality
+
+    def _split_grids(self, server_round: int, path: Path) -> None:
+        """One grid per client of its split-inference samples, and all of them a row each in ``path``."""
+        assert self.split is not None
+        samples = self.split.client_samples(server_round)
+        if not samples:
+            log(WARNING, "no client returned split-inference samples in round %d", server_round)
+            return
+        for pid, images in samples.items():
+            save_grid(images, path.with_name(f"{path.stem}-client-{pid}.png"))
+        per_row = min(len(images) for images in samples.values())
+        save_grid(torch.cat([images[:per_row] for images in samples.values()]), path, nrow=per_row)
 
     def _measure(self, model: UNet, keep: int) -> tuple[dict[str, float], torch.Tensor]:
         """A metric that cannot run here (no real data on this server) is skipped, not fatal."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvg
 
 from fedapp.config import FedConfig
+from strategies.collafuse import CollaFuse
 from strategies.full import Full
 from strategies.partial import PartFedAvg, UDec, ULatDec, USplit
 
@@ -13,16 +14,18 @@ STRATEGIES: dict[str, type[FedAvg]] = {"full": Full, "usplit": USplit, "ulatdec"
 
 def build_strategy(cfg: FedConfig) -> FedAvg:
     s = cfg.strategy
-    kwargs: dict[str, object] = {"seed": cfg.seed} if s.name == "usplit" else {}
-    strategy = STRATEGIES[s.name](
-        **kwargs,
-        fraction_train=s.fraction_train,
-        fraction_evaluate=s.fraction_evaluate,
-        min_train_nodes=s.min_nodes,
-        min_evaluate_nodes=s.min_nodes if s.fraction_evaluate > 0 else 0,
-        min_available_nodes=s.min_nodes,
-    )
-    return strategy
+    sampling: dict[str, object] = {
+        "fraction_train": s.fraction_train,
+        "fraction_evaluate": s.fraction_evaluate,
+        "min_train_nodes": s.min_nodes,
+        "min_evaluate_nodes": s.min_nodes if s.fraction_evaluate > 0 else 0,
+        "min_available_nodes": s.min_nodes,
+    }
+    if s.name == "collafuse":
+        return CollaFuse(cfg, **sampling)
+    if s.name == "usplit":
+        sampling["seed"] = cfg.seed
+    return STRATEGIES[s.name](**sampling)
 
 
-__all__ = ["STRATEGIES", "Full", "PartFedAvg", "UDec", "ULatDec", "USplit", "build_strategy"]
+__all__ = ["STRATEGIES", "CollaFuse", "Full", "PartFedAvg", "UDec", "ULatDec", "USplit", "build_strategy"]

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 
-from client_app.app import evaluate as client_evaluate
-from client_app.app import train as client_train
+from client_app.app import app as client_app
 from fedapp.builders import build_model
 from fedapp.comm import CommLedger
 from fedapp.config import FedConfig, parse_config
@@ -52,8 +51,7 @@ class InProcessRun:
             node_config={"partition-id": self.node_ids.index(node), "num-partitions": len(self.node_ids)},
         )
         self.sent.append(msg)
-        handler = client_train if msg.metadata.message_type == MessageType.TRAIN else client_evaluate
-        reply = handler(msg, context)
+        reply = client_app(msg, context)  # routed by message type, named actions included
         self.replies.append(reply)
         for message in (msg, reply):
             self.dtypes.append({a.dtype for r in message.content.array_records.values() for a in r.values()})

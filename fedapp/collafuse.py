@@ -1,0 +1,211 @@
+"""CollaFuse's split of the chain: who trains and samples which timesteps, and what crosses over.
+
+The server's shared denoiser owns t >= t_c, each client's own denoiser t < t_c. A client
+draws (x_t, t, ε) for its batches, trains its own model on the draws below the cut and
+sends the others, capped per round, to the server. At inference the server runs
+x_T -> x_{t_c} and the client finishes. No Flower here: the ClientApp and the strategy
+call these pieces, and the tests run them back to back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+from tqdm.auto import tqdm
+
+from fedapp.config import TransportDtype
+from fedapp.datasets import to_model_range
+from fedapp.diffusion import Diffusion, Sampler
+from fedapp.records import decode_record, encode_tensor
+from fedapp.training import TrainResult
+
+UPLOAD_KEYS = ("x-t", "t", "target")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """Server-bound training triples; ``x0`` is the real images behind them and never leaves the client."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    target: torch.Tensor
+    x0: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def record(self, dtype: TransportDtype = "float32") -> ArrayRecord:
+        """What goes to the server: x_t, t and the target, never x0."""
+        return ArrayRecord({"x-t": encode_tensor(self.x_t, dtype), "t": encode_tensor(self.t),
+                            "target": encode_tensor(self.target, dtype)})
+
+
+def upload_from_record(record: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, target) as the server holds them: floats widened to float32."""
+    arrays = decode_record(record)
+    return arrays["x-t"], arrays["t"], arrays["target"]
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    """One round on a client: its own optimizer steps, and how many draws went each way."""
+
+    own: TrainResult
+    drawn: int
+    routed_up: int  # draws with t >= t_c (only ``upload_samples`` of them are sent)
+
+
+def client_round(
+    model: nn.Module,
+    diffusion: Diffusion,
+    images: torch.Tensor,
+    t_cut: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    upload_cap: int,
+    max_steps: int = 0,
+    progress: bool = False,
+    desc: str = "collafuse client",
+) -> tuple[ClientRound, Upload]:
+    """Draw t ~ U{0..T-1} and ε per image; train on t < t_cut and keep up to ``upload_cap`` of the rest.
+
+    ``max_steps`` > 0 caps the batches drawn. Once the upload is full and the client owns
+    no timestep (t_cut = 0), drawing more would change nothing, so it stops.
+    """
+    if len(images) == 0:
+        raise ValueError("cannot train on an empty partition")
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    order_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    source = images.to(device)
+    parts: dict[str, list[torch.Tensor]] = {"x_t": [], "t": [], "target": [], "x0": []}
+    kept = routed = drawn = batches = steps = trained = 0
+    total = torch.zeros((), device=device)
+    start = time.perf_counter()
+    done = False
+    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+        order = torch.randperm(len(images), generator=order_gen).to(device)
+        for first in range(0, len(images), batch_size):
+            x0 = to_model_range(source[order[first : first + batch_size]])
+            x_t, t, eps = diffusion.noised(x0, None, noise_gen)
+            low = t < t_cut
+            drawn, batches = drawn + len(t), batches + 1
+            if bool(low.any()):
+                loss = diffusion.loss_on(model, x_t[low], t[low], eps[low])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * int(low.sum())
+                trained, steps = trained + int(low.sum()), steps + 1
+            high = (~low).nonzero().flatten()
+            routed += len(high)
+            take = high[: max(upload_cap - kept, 0)]
+            for name, tensor in (("x_t", x_t), ("t", t), ("target", eps), ("x0", x0)):
+                parts[name].append(tensor[take].detach().cpu())
+            kept += len(take)
+            done = (max_steps > 0 and batches >= max_steps) or (t_cut == 0 and kept >= upload_cap)
+            if done:
+                break
+        if done:
+            break
+    mean = total.item() / trained if trained else 0.0
+    own = TrainResult(loss=mean, steps=steps, images=trained, seconds=time.perf_counter() - start)
+    upload = Upload(**{name: torch.cat(chunks) for name, chunks in parts.items()})
+    return ClientRound(own=own, drawn=drawn, routed_up=routed), upload
+
+
+def server_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    diffusion: Diffusion,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> TrainResult:
+    """``epochs`` shuffled passes over the pooled triples with the server's persistent optimizer."""
+    model.to(device).train()
+    gen = torch.Generator().manual_seed(seed)
+    x_t, t, target = x_t.to(device), t.to(device), target.to(device)
+    total = torch.zeros((), device=device)
+    steps = seen = 0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(t), generator=gen).to(device)
+        for first in range(0, len(t), batch_size):
+            pick = order[first : first + batch_size]
+            loss = diffusion.loss_on(model, x_t[pick], t[pick], target[pick])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(pick)
+            seen, steps = seen + len(pick), steps + 1
+    mean = total.item() / seen if seen else 0.0
+    return TrainResult(loss=mean, steps=steps, images=seen, seconds=time.perf_counter() - start)
+
+
+def chain_split(diffusion: Diffusion, t_cut: int, kind: Sampler, steps: int | None) -> tuple[int, int]:
+    """(server, client) denoising steps per image on the sampler's grid."""
+    return (len(diffusion.grid(kind, steps, diffusion.timesteps, t_cut)),
+            len(diffusion.grid(kind, steps, t_cut, 0)))
+
+
+def _batched(model: nn.Module, diffusion: Diffusion, x: torch.Tensor, t_start: int, t_stop: int, *,
+             kind: Sampler, steps: int | None, generator: torch.Generator, device: torch.device,
+             batch_size: int, eta: float) -> torch.Tensor:
+    model.to(device)
+    out = [
+        diffusion.sample(model, x[first : first + batch_size].to(device), t_start, t_stop, kind=kind,
+                         steps=steps, generator=generator, eta=eta).cpu()
+        for first in range(0, len(x), batch_size)
+    ]
+    return torch.cat(out) if out else x.cpu()
+
+
+def server_half(model: nn.Module, diffusion: Diffusion, n: int, shape: tuple[int, int, int], t_cut: int, *,
+                kind: Sampler, steps: int | None, seed: int, device: torch.device, batch_size: int = 256,
+                eta: float = 0.0) -> torch.Tensor:
+    """x_T ~ N(0, I) run down to the cut: the state a client finishes from (x_T itself when t_cut = T)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = diffusion.prior((n, *shape), gen, device)
+    return _batched(model, diffusion, x, diffusion.timesteps, t_cut, kind=kind, steps=steps, generator=gen,
+                    device=device, batch_size=batch_size, eta=eta)
+
+
+def client_half(model: nn.Module, diffusion: Diffusion, x: torch.Tensor, t_cut: int, *, kind: Sampler,
+                steps: int | None, seed: int, device: torch.device, batch_size: int = 256,
+                eta: float = 0.0) -> torch.Tensor:
+    """The rest of the chain from the server's state to x0, with the client's own model."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return _batched(model, diffusion, x, t_cut, 0, kind=kind, steps=steps, generator=gen, device=device,
+                    batch_size=batch_size, eta=eta)
+
+
+def split_sample(server: nn.Module, client: nn.Module, diffusion: Diffusion, n: int,
+                 shape: tuple[int, int, int], t_cut: int, *, kind: Sampler, steps: int | None,
+                 server_seed: int, client_seed: int, device: torch.device, batch_size: int = 256,
+                 eta: float = 0.0) -> torch.Tensor:
+    """Both halves back to back in one process: what split inference over the network must equal."""
+    x = server_half(server, diffusion, n, shape, t_cut, kind=kind, steps=steps, seed=server_seed,
+                    device=device, batch_size=batch_size, eta=eta)
+    return client_half(client, diffusion, x, t_cut, kind=kind, steps=steps, seed=client_seed, device=device,
+                       batch_size=batch_size, eta=eta)
+
+
+def sample_seeds(seed: int, server_round: int, node_id: int) -> tuple[int, int]:
+    """(server, client) generator seeds of one node's split samples in one round."""
+    base = (seed * 1_000_003 + server_round * 10_007 + node_id) % (2**62)
+    return base, base + 1

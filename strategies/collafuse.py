@@ -1,0 +1,242 @@
+"""CollaFuse: the server trains its own denoiser on the noised samples clients send; nothing is averaged.
+
+The server's model owns t >= t_c. Training rounds send no weights down: each client
+trains its private model below the cut and replies with (x_t, t, target) triples above
+it, which the server checks and learns from with an optimizer that persists across rounds.
+Evaluation rounds run split inference: the server denoises x_T -> x_{t_c} for each client,
+which finishes the chain with its own model and scores its samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedapp.builders import build_diffusion, build_model
+from fedapp.client_metrics import mean_std_over_clients
+from fedapp.collafuse import (
+    UPLOAD_KEYS,
+    chain_split,
+    sample_seeds,
+    server_half,
+    server_steps,
+    upload_from_record,
+)
+from fedapp.config import FedConfig
+from fedapp.datasets import image_shape, to_model_range
+from fedapp.disclosure import denoiser_reconstruction
+from fedapp.records import decode_array, encode_tensor, load_record, model_to_record
+from fedapp.training import pick_device
+
+TRAIN_ACTION = "train.collafuse"
+EVALUATE_ACTION = "evaluate.collafuse"
+
+
+class CollaFuse(FedAvg):
+    """FedAvg's sampling and round loop; its own training (on received triples) and split evaluation."""
+
+    method = "collafuse"
+
+    def __init__(self, cfg: FedConfig, **kwargs: Any) -> None:
+        kwargs.setdefault("evaluate_metrics_aggr_fn", mean_std_over_clients)  # each client scores its own model
+        super().__init__(**kwargs)
+        self.cfg = cfg
+        self.diffusion = build_diffusion(cfg)
+        self.t_cut = cfg.collafuse.cut(cfg.diffusion.timesteps)
+        self.device = pick_device(cfg.train.device)
+        channels, side = image_shape(cfg.data)
+        self.shape = (channels, side, side)
+        self.model = build_model(cfg)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        # The first audit-samples triples of each node's last accepted upload (what the audit rebuilds).
+        self.audit_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.audit_round = 0
+        self.partition: dict[int, int] = {}
+        # round -> node -> counter -> value: denoising work and wall time on each side
+        self.compute: dict[int, dict[int, defaultdict[str, float]]] = defaultdict(dict)
+        self.samples: dict[int, dict[int, torch.Tensor]] = {}  # round -> partition id -> uint8 images
+
+    def _counters(self, server_round: int, node: int) -> defaultdict[str, float]:
+        return self.compute[server_round].setdefault(node, defaultdict(float))
+
+    # ------------------------------------------------------------------------------- messages
+    def _messages(self, node_ids: Iterable[int], action: str, config: ConfigRecord,
+                  arrays: dict[int, ArrayRecord] | None = None,
+                  extra: dict[int, dict[str, int]] | None = None) -> list[Message]:
+        out = []
+        for node in node_ids:
+            content = RecordDict({self.configrecord_key: ConfigRecord(
+                {**dict(config), "t-c": self.t_cut, **(extra or {}).get(node, {})})})
+            if arrays is not None:
+                content["split"] = arrays[node]
+            out.append(Message(content=content, message_type=action, dst_node_id=node))
+        return out
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """No weights go down: the clients' models are their own, and the server's stays here."""
+        load_record(self.model, arrays)
+        sampled = super().configure_train(server_round, ArrayRecord(), config, grid)
+        config["server-round"] = server_round
+        return self._messages([m.metadata.dst_node_id for m in sampled], TRAIN_ACTION, config)
+
+    # ------------------------------------------------------------------------------- training
+    def upload_problem(self, content: RecordDict) -> str | None:
+        """Why a reply cannot be trained on, or None: one bad client must not poison the shared model."""
+        metrics = list(content.metric_records.values())
+        weight = metrics[0].get(self.weighted_by_key) if len(metrics) == 1 else None
+        if not isinstance(weight, int) or weight <= 0:
+            return f"expected one MetricRecord with a positive integer {self.weighted_by_key!r}"
+        if set(content.array_records) != {"upload"}:
+            return f"expected one ArrayRecord named 'upload', got {sorted(content.array_records)}"
+        record = content.array_records["upload"]
+        if set(record.keys()) != set(UPLOAD_KEYS):
+            return f"upload holds {sorted(record.keys())}, expected {sorted(UPLOAD_KEYS)}"
+        x_t, t, target = upload_from_record(record)
+        n = len(t)
+        if t.dtype != torch.int64 or t.dim() != 1:
+            return f"t must be a 1-d int64 array, got {t.dtype} of shape {tuple(t.shape)}"
+        for name, tensor in (("x-t", x_t), ("target", target)):
+            if not tensor.is_floating_point():
+                return f"{name} must be floating point, got {tensor.dtype}"
+            if tuple(tensor.shape) != (n, *self.shape):
+                return f"{name} has shape {tuple(tensor.shape)}, expected {(n, *self.shape)}"
+            if not bool(torch.isfinite(tensor).all()):
+                return f"{name} holds non-finite values"
+        if n > self.cfg.collafuse.upload_samples:
+            return f"{n} samples exceed collafuse.upload-samples = {self.cfg.collafuse.upload_samples}"
+        if n and not (int(t.min()) >= self.t_cut and int(t.max()) < self.diffusion.timesteps):
+            return f"t spans [{int(t.min())}, {int(t.max())}], outside the server's [{self.t_cut}, {self.diffusion.timesteps})"
+        return None
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        good: list[Message] = []
+        for reply in valid:
+            problem = self.upload_problem(reply.content)
+            if problem:
+                log(WARNING, "dropping reply from node %d: %s", reply.metadata.src_node_id, problem)
+            else:
+                good.append(reply)
+        if not good:
+            return None, None
+        uploads = {m.metadata.src_node_id: upload_from_record(m.content["upload"]) for m in good}
+        for reply in good:
+            node = reply.metadata.src_node_id
+            metrics = reply.content.metric_records[next(iter(reply.content.metric_records))]
+            self.partition[node] = int(metrics.get("partition-id", -1))  # type: ignore[call-overload]
+            row = self._counters(server_round, node)
+            row["train-client-samples"] += float(metrics.get("client-samples", 0))  # type: ignore[arg-type]
+            row["train-client-seconds"] += float(metrics.get("train-seconds", 0.0))  # type: ignore[arg-type]
+        keep = self.cfg.collafuse.audit_samples
+        self.audit_inputs = {node: (x_t[:keep], t[:keep]) for node, (x_t, t, _) in uploads.items() if len(t)}
+        self.audit_round = server_round
+        total = sum(len(t) for _, t, _ in uploads.values())
+        result = None
+        if total:
+            nodes = sorted(uploads)
+            result = server_steps(
+                self.model, self.optimizer, self.diffusion,
+                torch.cat([uploads[n][0] for n in nodes]), torch.cat([uploads[n][1] for n in nodes]),
+                torch.cat([uploads[n][2] for n in nodes]),
+                epochs=self.cfg.collafuse.server_epochs, batch_size=self.cfg.train.batch_size,
+                seed=self.cfg.seed * 1_000_003 + server_round, device=self.device,
+            )
+            self.model.to("cpu")
+            for node, (_, t, _) in uploads.items():  # the server's time, split by what each client sent
+                share = len(t) / total
+                self._counters(server_round, node)["train-server-samples"] += len(t) * self.cfg.collafuse.server_epochs
+                self._counters(server_round, node)["train-server-seconds"] += result.seconds * share
+            log(INFO, "CollaFuse round %d: server trained on %d samples from %d clients (loss %.4f)",
+                server_round, total, len(uploads), result.loss)
+        metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
+        metrics["server-samples"] = total
+        metrics["server-steps"] = result.steps if result else 0
+        metrics["server-train-loss"] = result.loss if result else 0.0
+        return model_to_record(self.model), metrics
+
+    # ----------------------------------------------------------------------------- evaluation
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Per node: the server's half of its samples (on eval rounds) and its audit reconstructions."""
+        load_record(self.model, arrays)
+        sampled = super().configure_evaluate(server_round, ArrayRecord(), config, grid)
+        nodes = [m.metadata.dst_node_id for m in sampled]
+        ev = self.cfg.eval
+        n = max(ev.metric_samples, ev.num_samples) if ev.is_eval_round(server_round, self.cfg.train.rounds) else 0
+        per_node: dict[int, ArrayRecord] = {}
+        extra: dict[int, dict[str, int]] = {}
+        server_steps_per_image, _ = chain_split(self.diffusion, self.t_cut, ev.sampler, ev.sampler_steps)
+        for node in nodes:
+            server_seed, client_seed = sample_seeds(self.cfg.seed, server_round, node)
+            record = ArrayRecord()
+            if n:
+                started = time.perf_counter()
+                x = server_half(self.model, self.diffusion, n, self.shape, self.t_cut, kind=ev.sampler,
+                                steps=ev.sampler_steps, seed=server_seed, device=self.device,
+                                batch_size=ev.batch_size)
+                row = self._counters(server_round, node)
+                row["infer-server-seconds"] += time.perf_counter() - started
+                row["infer-server-steps"] += n * server_steps_per_image
+                record["x-cut"] = encode_tensor(x)
+            if node in self.audit_inputs:
+                x_t, t = self.audit_inputs[node]
+                record["audit-x0"] = encode_tensor(denoiser_reconstruction(
+                    self.model, self.diffusion, x_t, t, ev.batch_size, self.device))
+            self.model.to("cpu")
+            per_node[node] = record
+            extra[node] = {"sample-seed": client_seed, "audit-round": self.audit_round}
+        config["server-round"] = server_round
+        return self._messages(nodes, EVALUATE_ACTION, config, per_node, extra)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        _, client_steps_per_image = chain_split(self.diffusion, self.t_cut, self.cfg.eval.sampler,
+                                                self.cfg.eval.sampler_steps)
+        for reply in valid:
+            metrics = list(reply.content.metric_records.values())[0]
+            pid = int(metrics.get("partition-id", -1))  # type: ignore[call-overload]
+            row = self._counters(server_round, reply.metadata.src_node_id)
+            images = float(metrics.get("infer-images", 0))  # type: ignore[arg-type]
+            row["infer-client-seconds"] += float(metrics.get("infer-seconds", 0.0))  # type: ignore[arg-type]
+            row["infer-client-steps"] += images * client_steps_per_image
+            if "samples" in reply.content.array_records:
+                grid = decode_array(reply.content["samples"]["images"])
+                if grid.dtype == torch.uint8 and tuple(grid.shape[1:]) == self.shape:
+                    self.samples.setdefault(server_round, {})[pid] = to_model_range(grid)
+        if not valid:
+            return None
+        return self.evaluate_metrics_aggr_fn([RecordDict(dict(m.content.metric_records)) for m in valid],
+                                             self.weighted_by_key)
+
+    # ----------------------------------------------------------------------------- reporting
+    def round_report(self, server_round: int) -> dict[str, object]:
+        """Denoising work and wall time per client (by partition id), and the clients' share of each."""
+        clients = {str(self.partition.get(node, node)): {k: round(v, 4) for k, v in sorted(row.items())}
+                   for node, row in sorted(self.compute.get(server_round, {}).items())}
+        share: dict[str, float] = {}
+        for phase, unit in (("train", "samples"), ("train", "seconds"), ("infer", "steps"), ("infer", "seconds")):
+            own = sum(r.get(f"{phase}-client-{unit}", 0.0) for r in clients.values())
+            server = sum(r.get(f"{phase}-server-{unit}", 0.0) for r in clients.values())
+            if own + server > 0:
+                share[f"{phase}-{unit}"] = round(own / (own + server), 4)
+        return {"cut-ratio": self.cfg.collafuse.cut_ratio, "t-c": self.t_cut, "client-share": share,
+                "clients": clients}
+
+    def client_samples(self, server_round: int) -> dict[int, torch.Tensor]:
+        """Each client's split-inference samples of an evaluation round, by partition id, in [-1, 1]."""
+        return dict(sorted(self.samples.get(server_round, {}).items()))
+
+    def state(self) -> dict[str, object]:
+        """What a resume needs beyond the weights: the server's optimizer."""
+        return {"optimizer": self.optimizer.state_dict()}
