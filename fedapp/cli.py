@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from fedapp.builders import build_diffusion
 
 def _sample(args: argparse.Namespace) -> int:
     from fedapp.checkpoint import load_checkpoint
+    from fedapp.collafuse import split_sample
     from fedapp.datasets import image_shape
     from fedapp.images import save_grid
     from fedapp.sampling import generate
@@ -19,18 +21,31 @@ def _sample(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model, cfg, payload = load_checkpoint(args.checkpoint, device=device)
     clients = payload["extra"].get("clients") or {}
+    split = cfg.strategy.name == "collafuse" and cfg.collafuse.cut(cfg.diffusion.timesteps) > 0
+    if split and args.client is None:
+        raise ValueError(f"{args.checkpoint} is a CollaFuse run: the server's model owns only "
+                         f"t >= {cfg.collafuse.cut(cfg.diffusion.timesteps)}; pick a client with --client N")
+    own = None
     if args.client is not None:
         if args.client not in clients:
             known = ", ".join(map(str, sorted(clients))) or "none (not a personalized run)"
             raise ValueError(f"{args.checkpoint} has no model for client {args.client}; clients: {known}")
-        model.load_state_dict(clients[args.client])
+        own = copy.deepcopy(model)
+        own.load_state_dict(clients[args.client])
     elif clients:
         print(f"note: personalized run; sampling the server's model, pick a client with --client {min(clients)}")
     steps = args.steps or (50 if args.sampler == "ddim" else None)
-    samples = generate(
-        model, build_diffusion(cfg), args.n, image_shape(cfg.data),
-        kind=args.sampler, steps=steps, seed=args.seed, device=device, progress=True,
-    )
+    diffusion = build_diffusion(cfg)
+    if split:  # the server's model down to t_c, the client's own from there (CollaFuse's split inference)
+        channels, side = image_shape(cfg.data)
+        samples = split_sample(model, own, diffusion, args.n, (channels, side, side),
+                               cfg.collafuse.cut(cfg.diffusion.timesteps), kind=args.sampler, steps=steps,
+                               server_seed=args.seed, client_seed=args.seed + 1, device=device)
+    else:
+        samples = generate(
+            own if own is not None else model, diffusion, args.n, image_shape(cfg.data),
+            kind=args.sampler, steps=steps, seed=args.seed, device=device, progress=True,
+        )
     who = f"-client{args.client}" if args.client is not None else ""
     out = args.out or Path(args.checkpoint).with_name(
         f"{Path(args.checkpoint).stem}{who}-{args.sampler}{steps or ''}-seed{args.seed}.png"
@@ -119,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     sample.add_argument("--client", type=int, default=None,
-                        help="personalized runs: sample this client's own model (its partition id)")
+                        help="personalized and CollaFuse runs: this client's own model (its partition id)")
     sample.set_defaults(func=_sample)
 
     comm = sub.add_parser("comm", help="analytic communication of the four FedDiffuse methods")

@@ -167,3 +167,43 @@ def test_centralized_baseline_then_the_report_over_every_run(shared_flwr) -> Non
     assert "centralized (baseline)" in text and "FD-CNN" in text and "42.53" in text
     for png in ("samples.png", "communication.png", "quality-fd-cnn.png"):
         assert (out / png).stat().st_size > 0
+
+
+def test_collafuse_runs_end_to_end(shared_flwr) -> None:  # type: ignore[no-untyped-def]
+    """Named actions through Flower, split inference, per-client grids, the report and the split CLI."""
+    tmp, env = shared_flwr
+    runs = tmp / "runs"
+    config = {**TINY, "strategy.name": "collafuse", "collafuse.cut-ratio": 0.5, "output.dir": str(runs),
+              "output.name": "collafuse", "train.node-state-dir": str(tmp / "nodes"),
+              "eval.stats-dir": str(tmp / "stats")}
+    done = flwr_run(env, config, 2, timeout=600)
+    run = runs / "collafuse"
+    assert (run / "final.pt").is_file(), (done.stdout + done.stderr)[-4000:]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    last = rows[-1]
+    assert last["train"]["audit-solve-mse"] < 1e-6 < last["train"]["audit-xt-mse"]
+    assert "audit-denoise-ssim" in last["evaluate"] and "eval-loss-std" in last["evaluate"]
+    assert last["quality"]["clients"] == 2 and last["quality"]["fd-cnn"] > 0
+    report = last["collafuse"]
+    assert report["t-c"] == 500 and sorted(report["clients"]) == ["0", "1"]
+    assert 0 < report["client-share"]["train-samples"] < 1 and report["client-share"]["infer-steps"] == 0.5
+    for pid in (0, 1):
+        assert (run / "samples" / f"round-002-client-{pid}.png").stat().st_size > 0
+    transfers = read_jsonl(run / "comm.jsonl")
+    assert {t["message_type"] for t in transfers} == {"train.collafuse", "evaluate.collafuse"}
+    assert all(t["parts"] in ([], ["other"]) for t in transfers), "a UNet weight travelled"
+
+    _, _, payload = load_checkpoint(run / "final.pt")
+    assert sorted(payload["extra"]["clients"]) == [0, 1] and payload["extra"]["optimizer"]["state"]
+    grid = tmp / "collafuse-client0.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "fedapp", "sample", str(run / "final.pt"), "--client", "0",
+         "--n", "4", "--steps", "4", "--out", str(grid)],
+        capture_output=True, text=True, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert grid.stat().st_size > 0
+    refused = subprocess.run([sys.executable, "-m", "fedapp", "sample", str(run / "final.pt")],
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "--client" in refused.stderr
