@@ -121,6 +121,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tradeoff(args: argparse.Namespace) -> int:
+    from fedapp.tradeoff import write_tradeoff
+    print(write_tradeoff(args.runs, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedapp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compare finished runs' measured training traffic with the analytic count "
                            "for their own model, method, K and R (exit 1 on any mismatch)")
     comm.set_defaults(func=_comm)
+
+    tradeoff = sub.add_parser("tradeoff", help="CollaFuse's cut-ratio trade-off table and plot over run directories")
+    tradeoff.add_argument("runs", nargs="+", type=Path, help="CollaFuse run directories (one per cut ratio)")
+    tradeoff.add_argument("--out", type=Path, required=True, help="folder for tradeoff.md and tradeoff.png")
+    tradeoff.set_defaults(func=_tradeoff)
 
     report = sub.add_parser("report", help="Markdown report with figures comparing run directories")
     report.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
