@@ -87,7 +87,11 @@ class Diffusion:
 
     def loss_on(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The ε-prediction loss on given triples: CollaFuse's server trains on what it received."""
-        return self._loss_fn(model(x_t, t), target)
+        return self.criterion(model(x_t, t), target)
+
+    def criterion(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The configured loss (Huber or MSE, mean over all elements) between ε̂ and ε."""
+        return self._loss_fn(prediction, target)
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x0 = (x_t - √(1-ᾱ_t)·ε) / √ᾱ_t: whoever holds x_t, t and ε (or a guess of ε) can solve for x0."""

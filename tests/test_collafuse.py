@@ -291,3 +291,30 @@ def test_a_reply_without_a_positive_integer_weight_is_dropped(tmp_path: Path) ->
     assert "num-examples" in str(strategy.upload_problem(reply.content))
     empty = ArrayRecord()
     assert strategy.upload_problem(RecordDict({"upload": empty, "metrics": MetricRecord({"num-examples": 3})}))
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber"])
+def test_withholding_the_target_leaks_it_through_the_loss_gradient(loss: str) -> None:
+    """The variant where the client keeps ε and returns dL/dε̂: the server still solves for ε."""
+    from fedapp.disclosure import target_from_loss_gradient
+    diffusion = Diffusion(1000, loss=loss)  # type: ignore[arg-type]
+    x0 = to_model_range(_images(8))
+    x_t, t, eps = diffusion.noised(x0, (200, 1000), torch.Generator().manual_seed(3))
+    prediction = _tiny_unet()(x_t, t).detach().requires_grad_(True)
+    diffusion.criterion(prediction, eps).backward()
+    recovered = target_from_loss_gradient(prediction.detach(), prediction.grad, loss)  # type: ignore[arg-type]
+    close = (prediction.detach() - eps).abs() < 1
+    if loss == "mse":
+        assert torch.allclose(recovered, eps, atol=1e-4)
+    else:
+        assert torch.allclose(recovered[close], eps[close], atol=1e-4) and close.float().mean() > 0.5
+        assert not torch.allclose(recovered[~close], eps[~close], atol=1e-4)
+
+
+def test_the_gradient_variant_audit_rebuilds_x0_with_mse() -> None:
+    from fedapp.disclosure import gradient_variant_audit
+    x0 = to_model_range(_images(16))
+    result = gradient_variant_audit(_tiny_unet(), Diffusion(1000, loss="mse"), x0, (200, 1000), batch_size=8)
+    assert result["gradient-exact-fraction"] > 0.99
+    assert result["gradient-mse"] < 1e-4 and result["solve-mse"] < 1e-8
+    assert result["denoise-mse"] > 0.01  # an untrained denoiser alone rebuilds little

@@ -130,14 +130,7 @@ def test_each_feddiffuse_method_runs_end_to_end(shared_flwr, method: str) -> Non
         assert sorted(clients) == [0, 1] and "evaluate" in rows[-1] and "eval-loss-std" in rows[-1]["evaluate"]
         quality = rows[-1]["quality"]  # each client scored its own model
         assert quality["clients"] == 2 and quality["fd-cnn"] > 0 and quality["fd-cnn-std"] >= 0
-        grid = tmp / f"{method}-client1.png"
-        out = subprocess.run(
-            [sys.executable, "-m", "fedapp", "sample", str(run / "final.pt"), "--client", "1",
-             "--n", "4", "--steps", "4", "--out", str(grid)],
-            capture_output=True, text=True, check=False,
-        )
-        assert out.returncode == 0, out.stderr
-        assert grid.stat().st_size > 0
+        _sample_client(run, 1, tmp / f"{method}-client1.png")
     else:
         assert clients == {} and rows[-1]["quality"]["fd-cnn"] > 0 and "fd-cnn-std" not in rows[-1]["quality"]
 
@@ -196,14 +189,18 @@ def test_collafuse_runs_end_to_end(shared_flwr) -> None:  # type: ignore[no-unty
 
     _, _, payload = load_checkpoint(run / "final.pt")
     assert sorted(payload["extra"]["clients"]) == [0, 1] and payload["extra"]["optimizer"]["state"]
-    grid = tmp / "collafuse-client0.png"
+    _sample_client(run, 0, tmp / "collafuse-client0.png")  # the server's model to t_c, client 0's after
+    refused = subprocess.run([sys.executable, "-m", "fedapp", "sample", str(run / "final.pt")],
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "--client" in refused.stderr
+
+
+def _sample_client(run: Path, client: int, grid: Path) -> None:
+    """``fedapp sample --client`` on a finished run writes a grid."""
     out = subprocess.run(
-        [sys.executable, "-m", "fedapp", "sample", str(run / "final.pt"), "--client", "0",
+        [sys.executable, "-m", "fedapp", "sample", str(run / "final.pt"), "--client", str(client),
          "--n", "4", "--steps", "4", "--out", str(grid)],
         capture_output=True, text=True, check=False,
     )
     assert out.returncode == 0, out.stderr
     assert grid.stat().st_size > 0
-    refused = subprocess.run([sys.executable, "-m", "fedapp", "sample", str(run / "final.pt")],
-                             capture_output=True, text=True, check=False)
-    assert refused.returncode != 0 and "--client" in refused.stderr

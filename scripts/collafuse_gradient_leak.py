@@ -1,0 +1,42 @@
+"""Measures a CollaFuse variant that withholds the target: the client keeps ε, the server gets dL/dε̂.
+
+Usage: python scripts/collafuse_gradient_leak.py RUN_DIR [--client 0] [--n 256]
+RUN_DIR is a finished CollaFuse run; its server model plays the server, and one client's own
+training images play x0. Prints the similarity to x0 of what the server rebuilds in each case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from fedapp.builders import build_diffusion
+from fedapp.checkpoint import load_checkpoint
+from fedapp.datasets import to_model_range
+from fedapp.disclosure import gradient_variant_audit
+from fedapp.local_data import local_data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--client", type=int, default=0, help="partition id whose images play x0")
+    parser.add_argument("--n", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_grad_enabled(True)
+    model, cfg, payload = load_checkpoint(args.run / "final.pt")
+    num = int(payload["extra"]["metrics"][-1]["train"].get("num-partitions", cfg.data.num_partitions))
+    x0 = to_model_range(local_data(cfg.data, cfg.seed, args.client, num).train.images[: args.n])
+    diffusion = build_diffusion(cfg)
+    t_cut = cfg.collafuse.cut(cfg.diffusion.timesteps)
+    result = gradient_variant_audit(model, diffusion, x0, (t_cut, cfg.diffusion.timesteps),
+                                    batch_size=cfg.train.batch_size, seed=cfg.seed)
+    print(json.dumps({"run": args.run.name, "t-c": t_cut, "loss": cfg.diffusion.loss, "n": len(x0), **result},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The cut-ratio sweep's table and plot, read back from run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedapp.config import parse_config
+from fedapp.rundir import RunDir
+from fedapp.tradeoff import sweep_row, write_tradeoff
+
+
+def _run(tmp_path: Path, c: float, fd: float, ssim: float | None, name: str = "") -> Path:
+    cfg = parse_config({"strategy.name": "collafuse", "collafuse.cut-ratio": c, "output.dir": str(tmp_path),
+                        "output.name": name or f"cut-{c}"})
+    run = RunDir.create(cfg)
+    audit = {} if ssim is None else {"audit-xt-ssim": ssim, "audit-xt-mse": 1.0, "audit-solve-mse": 1e-12}
+    counters = {"train-client-samples": 100 * c, "train-server-samples": 100 * (1 - c),
+                "train-client-seconds": 3.0 * c, "train-server-seconds": 1.0 * (1 - c),
+                "infer-client-steps": 50 * c, "infer-server-steps": 50 * (1 - c)}
+    for r in (1, 2):
+        row = {"round": r, "train": dict(audit), "evaluate": {},
+               "comm": {"train.collafuse": {"round": {"up_wire": 2_000_000 * (1 - c)}}},
+               "collafuse": {"clients": {"0": counters, "1": counters}}}
+        if r == 2:
+            row["quality"] = {"fd-cnn": fd, "fd-cnn-std": 2.0, "clients": 2.0}
+        run.append_jsonl(run.metrics_path, row)
+    return run.path
+
+
+def test_the_sweep_table_sorts_by_cut_and_sums_every_round(tmp_path: Path) -> None:
+    runs = [_run(tmp_path, 1.0, 300.0, None), _run(tmp_path, 0.0, 100.0, 0.02), _run(tmp_path, 0.5, 200.0, 0.05)]
+    row = sweep_row(runs[2])
+    assert row["t-c"] == 500 and row["fd-cnn"] == 200.0 and row["up-mb"] == pytest.approx(2.0)
+    assert row["train-samples"] == pytest.approx(0.5) and row["train-seconds"] == pytest.approx(0.75)
+    assert row["infer-seconds"] is None  # not recorded: no share is made up
+    assert sweep_row(runs[0])["audit-xt-ssim"] is None  # c = 1: the server received nothing to audit
+    out = write_tradeoff(runs, tmp_path / "out")
+    lines = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in lines[1:]] == ["0", "0.5", "1"]
+    assert "100.0 ± 2.0" in lines[1] and "–" in lines[3]
+    assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 0
+
+
+def test_a_run_of_another_method_is_refused(tmp_path: Path) -> None:
+    cfg = parse_config({"strategy.name": "udec", "output.dir": str(tmp_path), "output.name": "udec"})
+    run = RunDir.create(cfg)
+    with pytest.raises(ValueError, match="udec run, not a CollaFuse one"):
+        sweep_row(run.path)
