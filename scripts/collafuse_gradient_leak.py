@@ -1,8 +1,10 @@
-"""Measures a CollaFuse variant that withholds the target: the client keeps ε, the server gets dL/dε̂.
+"""Measures what a CollaFuse server rebuilds: with the target sent in each transport dtype, and in a
+variant that withholds it (the client keeps ε, the server gets dL/dε̂).
 
 Usage: python scripts/collafuse_gradient_leak.py RUN_DIR [--client 0] [--n 256]
 RUN_DIR is a finished CollaFuse run; its server model plays the server, and one client's own
-training images play x0. Prints the similarity to x0 of what the server rebuilds in each case.
+training images play x0, noised at the server's timesteps [t_c, T). Prints the similarity to x0
+of what the server rebuilds in each case.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 from fedapp.builders import build_diffusion
 from fedapp.checkpoint import load_checkpoint
 from fedapp.datasets import to_model_range
-from fedapp.disclosure import gradient_variant_audit
+from fedapp.disclosure import audit_upload, gradient_variant_audit
 from fedapp.local_data import local_data
+from fedapp.records import TRANSPORT_DTYPES, decode_array, encode_tensor
 
 
 def main() -> None:
@@ -34,6 +37,11 @@ def main() -> None:
     t_cut = cfg.collafuse.cut(cfg.diffusion.timesteps)
     result = gradient_variant_audit(model, diffusion, x0, (t_cut, cfg.diffusion.timesteps),
                                     batch_size=cfg.train.batch_size, seed=cfg.seed)
+    x_t, t, eps = diffusion.noised(x0, (t_cut, cfg.diffusion.timesteps), torch.Generator().manual_seed(cfg.seed))
+    for dtype in TRANSPORT_DTYPES:  # the solve on what arrives in each dtype
+        sent = {k: decode_array(encode_tensor(v, dtype)) for k, v in (("x-t", x_t), ("target", eps))}  # type: ignore[arg-type]
+        audit = audit_upload(diffusion, sent["x-t"], t, sent["target"], x0)
+        result.update({f"{dtype}-{k.removeprefix('audit-')}": v for k, v in audit.items() if "solve" in k})
     print(json.dumps({"run": args.run.name, "t-c": t_cut, "loss": cfg.diffusion.loss, "n": len(x0), **result},
                      indent=1))
 

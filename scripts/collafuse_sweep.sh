@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CollaFuse's trade-off at CPU scale: the cut ratio c in {0, 0.2, 0.5, 0.8, 1} on the same data, seed and
 # draws, then one table and plot of per-client FD-CNN against disclosure and client compute share.
-# Usage: scripts/collafuse_sweep.sh OUT_DIR   (about 25 minutes on 2 CPU cores; finished runs are skipped)
+# Usage: scripts/collafuse_sweep.sh OUT_DIR   (about 46 minutes on 2 CPU cores; finished runs are skipped)
 set -euo pipefail
 out=$(realpath -m "${1:?usage: $0 OUT_DIR}")
 source "$(dirname "$0")/flwr_env.sh"
@@ -14,15 +14,7 @@ scale='data.max-train-examples=3000 data.num-partitions=3 train.rounds=4 train.l
 scale="$scale"' train.lr=0.001 eval.every=4 eval.metric-samples=256 eval.fid="off" output.progress=false'
 runs=()
 for c in 0 0.2 0.5 0.8 1.0; do
-  name="cut-$c"
-  runs+=("$out/$name")
-  [ -f "$out/$name/final.pt" ] && { echo "$name: done before"; continue; }
-  rm -rf "${out:?}/$name"
-  start=$(date +%s)
-  flwr run . --stream --federation-config "num-supernodes=3" \
-    --run-config "strategy.name=\"collafuse\" collafuse.cut-ratio=$c output.dir=\"$out\" output.name=\"$name\" $scale" \
-    > "$out/$name.log" 2>&1
-  if [ ! -f "$out/$name/final.pt" ]; then echo "$name: FAILED, see $out/$name.log"; exit 1; fi
-  echo "$name: $(( $(date +%s) - start )) s"
+  runs+=("$out/cut-$c")
+  run_once "$out" "cut-$c" 3 "strategy.name=\"collafuse\" collafuse.cut-ratio=$c $scale"
 done
 fedapp tradeoff "${runs[@]}" --out "$out"

@@ -3,3 +3,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export PATH="$PWD/.venv/bin:$PATH"  # flwr starts flower-superlink from PATH
+
+# run_once OUT NAME SUPERNODES RUN_CONFIG: one `flwr run` into OUT/NAME, logged to OUT/NAME.log; a run
+# that finished before (its final.pt exists) is skipped, and a failed one stops the script.
+run_once() {
+  local out=$1 name=$2 nodes=$3 config=$4 start
+  if [ -f "$out/$name/final.pt" ]; then echo "$name: done before"; return 0; fi
+  rm -rf "${out:?}/$name"
+  start=$(date +%s)
+  flwr run . --stream --federation-config "num-supernodes=$nodes" \
+    --run-config "output.dir=\"$out\" output.name=\"$name\" $config" > "$out/$name.log" 2>&1 || true
+  if [ ! -f "$out/$name/final.pt" ]; then echo "$name: FAILED, see $out/$name.log"; exit 1; fi
+  echo "$name: $(( $(date +%s) - start )) s"
+}

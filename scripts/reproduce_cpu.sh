@@ -20,13 +20,6 @@ runs=(iid-centralized iid-full iid-usplit iid-ulatdec iid-udec
 for name in "${runs[@]}"; do
   partitioner=${name%-*}
   method=${name##*-}
-  [ -f "$out/$name/final.pt" ] && { echo "$name: done before"; continue; }
-  rm -rf "${out:?}/$name"
-  start=$(date +%s)
-  flwr run . --stream --federation-config "num-supernodes=5" \
-    --run-config "strategy.name=\"$method\" data.partitioner=\"$partitioner\" data.num-partitions=5 output.dir=\"$out\" output.name=\"$name\" $scale" \
-    > "$out/$name.log" 2>&1
-  if [ ! -f "$out/$name/final.pt" ]; then echo "$name: FAILED, see $out/$name.log"; exit 1; fi
-  echo "$name: $(( $(date +%s) - start )) s"
+  run_once "$out" "$name" 5 "strategy.name=\"$method\" data.partitioner=\"$partitioner\" data.num-partitions=5 $scale"
 done
 fedapp report "${runs[@]/#/$out/}" --out "$out/report"
