@@ -101,6 +101,14 @@ class StrategyConfig(_Section):
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_nodes: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0)
+    # A reply claiming more examples is dropped: a client must not outweigh the rest by fiat.
+    max_num_examples: int = Field(10_000_000, ge=1)
+    # Fewer valid replies than this and the round keeps the previous model.
+    min_valid_replies: int = Field(1, ge=1)
+    # mean: FedAvg, weighted by num-examples. median / trimmed-mean: coordinate-wise and unweighted,
+    # over the reporters of each part, so one poisoned client cannot move the model far.
+    aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5)  # cut from each end by trimmed-mean
 
 
 class CollafuseConfig(_Section):

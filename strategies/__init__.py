@@ -23,6 +23,8 @@ def build_strategy(cfg: FedConfig) -> FedAvg:
     }
     if s.name == "collafuse":
         return CollaFuse(cfg, **sampling)
+    sampling.update(max_num_examples=s.max_num_examples, min_valid_replies=s.min_valid_replies,
+                    aggregation=s.aggregation, trim_fraction=s.trim_fraction)
     if s.name == "usplit":
         sampling["seed"] = cfg.seed
     return STRATEGIES[s.name](**sampling)

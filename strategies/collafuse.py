@@ -94,8 +94,9 @@ class CollaFuse(FedAvg):
         """Why a reply cannot be trained on, or None: one bad client must not poison the shared model."""
         metrics = list(content.metric_records.values())
         weight = metrics[0].get(self.weighted_by_key) if len(metrics) == 1 else None
-        if not isinstance(weight, int) or weight <= 0:
-            return f"expected one MetricRecord with a positive integer {self.weighted_by_key!r}"
+        bound = self.cfg.strategy.max_num_examples
+        if not isinstance(weight, int) or not 0 < weight <= bound:
+            return f"expected one MetricRecord with an integer {self.weighted_by_key!r} in [1, {bound}]"
         if set(content.array_records) != {"upload"}:
             return f"expected one ArrayRecord named 'upload', got {sorted(content.array_records)}"
         record = content.array_records["upload"]

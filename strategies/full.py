@@ -1,15 +1,62 @@
-"""FedDiffuse's "Full" method: FedAvg over every UNet parameter."""
+"""FedDiffuse's "Full" method: FedAvg over every UNet parameter, of the replies that pass the checks."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from logging import WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+
+from strategies.robust import Aggregation, robust_record
+from strategies.validation import reply_problem
 
 
 class Full(FedAvg):
     """Example-weighted FedAvg of the whole model (``num-examples`` weights).
 
-    The baseline whose communication the sub-block methods cut down; it needs nothing
-    beyond FedAvg, and exists so every method is selected and built the same way.
+    The baseline whose communication the sub-block methods cut down. Before averaging it
+    drops replies that do not fit the global model, hold NaN/Inf or claim too many examples.
     """
 
     method = "full"
+
+    def __init__(self, *args: object, max_num_examples: int = 10_000_000, min_valid_replies: int = 1,
+                 aggregation: Aggregation = "mean", trim_fraction: float = 0.2, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.max_num_examples, self.min_valid_replies = max_num_examples, min_valid_replies
+        self.aggregation, self.trim_fraction = aggregation, trim_fraction
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        answered = [m for m in replies if not m.has_error()]
+        # Without a configured round (a direct call), the first reply sets the keys and shapes.
+        shapes = self._shapes or ({k: tuple(v.shape) for k, v in answered[0].content[self.arrayrecord_key].items()}
+                                  if answered and self.arrayrecord_key in answered[0].content.array_records else {})
+        kept = [m for m in replies if m.has_error() or self._valid(m, shapes)]
+        valid = len([m for m in kept if not m.has_error()])
+        if answered and valid < self.min_valid_replies:
+            log(WARNING, "round %d keeps the previous model: %d valid replies, strategy.min-valid-replies = %d",
+                server_round, valid, self.min_valid_replies)
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, kept)
+        if arrays is not None and self.aggregation != "mean":
+            records = [m.content[self.arrayrecord_key] for m in kept if not m.has_error()]
+            arrays = robust_record(records, self.aggregation, self.trim_fraction)
+        return arrays, metrics
+
+    def _valid(self, reply: Message, shapes: dict[str, tuple[int, ...]]) -> bool:
+        problem = reply_problem(reply.content, shapes, arrays_key=self.arrayrecord_key,
+                                weighted_by_key=self.weighted_by_key, max_examples=self.max_num_examples)
+        if problem:
+            log(WARNING, "dropping reply from node %d: %s", reply.metadata.src_node_id, problem)
+        return problem is None

@@ -21,6 +21,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from fedapp.client_metrics import mean_std_over_clients
 from fedapp.methods import ALL_PARTS, SHARED_PARTS, is_personalized, parts_keys, usplit_assignment
 from fedapp.unet import unet_parts
+from strategies.robust import Aggregation, robust_record
+from strategies.validation import reply_problem
 
 
 class PartFedAvg(FedAvg):
@@ -28,10 +30,13 @@ class PartFedAvg(FedAvg):
 
     method = "full"
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, max_num_examples: int = 10_000_000, min_valid_replies: int = 1,
+                 aggregation: Aggregation = "mean", trim_fraction: float = 0.2, **kwargs: object) -> None:
         if is_personalized(self.method):
             kwargs.setdefault("evaluate_metrics_aggr_fn", mean_std_over_clients)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.max_num_examples, self.min_valid_replies = max_num_examples, min_valid_replies
+        self.aggregation, self.trim_fraction = aggregation, trim_fraction
         self.tasks: dict[int, tuple[str, ...]] = {}
         self.initialized: set[int] = set()  # nodes that hold their private parts
         self._global: ArrayRecord | None = None
@@ -75,6 +80,10 @@ class PartFedAvg(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         good = [m for m in valid if self._reported_its_task(m)]
+        if valid and len(good) < self.min_valid_replies:
+            log(WARNING, "round %d keeps the previous model: %d valid replies, strategy.min-valid-replies = %d",
+                server_round, len(good), self.min_valid_replies)
+            return None, None
         if not good or self._global is None:
             return None, None
         merged = {k: v for k, v in self._global.items()}
@@ -88,7 +97,10 @@ class PartFedAvg(FedAvg):
                             "metrics": m.content.metric_records[next(iter(m.content.metric_records))]})
                 for m in reporters
             ]
-            merged.update(aggregate_arrayrecords(subsets, self.weighted_by_key).items())
+            if self.aggregation == "mean":
+                merged.update(aggregate_arrayrecords(subsets, self.weighted_by_key).items())
+            else:
+                merged.update(robust_record([s["arrays"] for s in subsets], self.aggregation, self.trim_fraction))
         self.initialized.update(m.metadata.src_node_id for m in good)
         metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
         return ArrayRecord(merged), metrics
@@ -104,23 +116,11 @@ class PartFedAvg(FedAvg):
     def _task_problem(self, node: int, content: RecordDict) -> str | None:
         if node not in self.tasks:
             return "the node had no task this round"
-        if self.arrayrecord_key not in content.array_records or len(content.array_records) != 1:
-            return f"expected one ArrayRecord named {self.arrayrecord_key!r}"
-        metrics = list(content.metric_records.values())
-        weight = metrics[0].get(self.weighted_by_key) if len(metrics) == 1 else None
-        if not isinstance(weight, int | float) or not weight > 0:
-            return f"expected one MetricRecord with a positive {self.weighted_by_key!r}"
-        expected = set(parts_keys(self.tasks[node], self._keys))
-        arrays = content[self.arrayrecord_key]
-        got = set(arrays.keys())
-        if got != expected:
-            return (f"it reported {len(got)} keys, its task {'+'.join(self.tasks[node])} has {len(expected)} "
-                    f"(unexpected {sorted(got - expected)[:2]}, missing {sorted(expected - got)[:2]})")
         assert self._global is not None
-        for key in got:
-            if tuple(arrays[key].shape) != tuple(self._global[key].shape):
-                return f"array {key!r} has shape {tuple(arrays[key].shape)}, expected {tuple(self._global[key].shape)}"
-        return None
+        expected = {k: tuple(self._global[k].shape) for k in parts_keys(self.tasks[node], self._keys)}
+        problem = reply_problem(content, expected, arrays_key=self.arrayrecord_key,
+                                weighted_by_key=self.weighted_by_key, max_examples=self.max_num_examples)
+        return f"{problem} (task {'+'.join(self.tasks[node])})" if problem else None
 
 
 class USplit(PartFedAvg):

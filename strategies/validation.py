@@ -1,0 +1,42 @@
+"""Checks a client's reply must pass before it is averaged.
+
+Flower checks none of this: a broadcastable wrong shape is averaged silently, one NaN
+poisons the model, and ``num-examples`` is whatever the client claims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import RecordDict
+
+from fedapp.records import decode_array
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def reply_problem(content: RecordDict, expected: Mapping[str, tuple[int, ...]], *, arrays_key: str,
+                  weighted_by_key: str, max_examples: int) -> str | None:
+    """Why a reply cannot be averaged into a model of ``expected`` keys and shapes, or None."""
+    if arrays_key not in content.array_records or len(content.array_records) != 1:
+        return f"expected one ArrayRecord named {arrays_key!r}"
+    metrics = list(content.metric_records.values())
+    weight = metrics[0].get(weighted_by_key) if len(metrics) == 1 else None
+    if not isinstance(weight, int | float) or weight != int(weight) or not 0 < weight <= max_examples:
+        return (f"expected one MetricRecord with an integer {weighted_by_key!r} in [1, {max_examples}] "
+                f"(strategy.max-num-examples), got {weight!r}")
+    arrays = content[arrays_key]
+    got = set(arrays.keys())
+    if got != set(expected):
+        return (f"it reported {len(got)} keys, expected {len(expected)} "
+                f"(unexpected {sorted(got - set(expected))[:2]}, missing {sorted(set(expected) - got)[:2]})")
+    for key in sorted(got):
+        array = arrays[key]
+        if array.dtype not in FLOAT_DTYPES:
+            return f"array {key!r} has dtype {array.dtype}, expected a float"
+        if tuple(array.shape) != tuple(expected[key]):
+            return f"array {key!r} has shape {tuple(array.shape)}, expected {tuple(expected[key])}"
+        if not bool(torch.isfinite(decode_array(array)).all()):
+            return f"array {key!r} holds NaN or Inf"
+    return None
