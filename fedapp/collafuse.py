@@ -55,8 +55,7 @@ class ClientRound:
     """One round on a client: its own optimizer steps, and how many draws went each way."""
 
     own: TrainResult
-    drawn: int
-    routed_up: int  # draws with t >= t_c (only ``upload_samples`` of them are sent)
+    drawn: int  # every (x_t, t) pair drawn; those not in ``own.images`` had t >= t_c
 
 
 def client_round(
@@ -88,7 +87,7 @@ def client_round(
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     source = images.to(device)
     parts: dict[str, list[torch.Tensor]] = {"x_t": [], "t": [], "target": [], "x0": []}
-    kept = routed = drawn = batches = steps = trained = 0
+    kept = drawn = batches = steps = trained = 0
     total = torch.zeros((), device=device)
     start = time.perf_counter()
     done = False
@@ -107,7 +106,6 @@ def client_round(
                 total += loss.detach() * int(low.sum())
                 trained, steps = trained + int(low.sum()), steps + 1
             high = (~low).nonzero().flatten()
-            routed += len(high)
             take = high[: max(upload_cap - kept, 0)]
             for name, tensor in (("x_t", x_t), ("t", t), ("target", eps), ("x0", x0)):
                 parts[name].append(tensor[take].detach().cpu())
@@ -120,7 +118,7 @@ def client_round(
     mean = total.item() / trained if trained else 0.0
     own = TrainResult(loss=mean, steps=steps, images=trained, seconds=time.perf_counter() - start)
     upload = Upload(**{name: torch.cat(chunks) for name, chunks in parts.items()})
-    return ClientRound(own=own, drawn=drawn, routed_up=routed), upload
+    return ClientRound(own=own, drawn=drawn), upload
 
 
 def server_steps(

@@ -78,7 +78,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
     if key == "fd-cnn":
         std = row.get("fd-cnn-std")
         return f"{value:.1f} ± {std:.1f}" if std is not None else f"{value:.1f}"
-    if key in ("cut-ratio",):
+    if key == "cut-ratio":
         return f"{value:g}"
     if key == "t-c":
         return str(value)

@@ -36,8 +36,10 @@ from fedapp.datasets import image_shape, to_model_range
 from fedapp.disclosure import denoiser_reconstruction
 from fedapp.records import decode_array, encode_tensor, load_record, model_to_record
 from fedapp.training import pick_device
+from strategies.validation import weight_problem
 
 TRAIN_ACTION = "train.collafuse"
+Triples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x_t, t, target) as received
 EVALUATE_ACTION = "evaluate.collafuse"
 
 
@@ -92,46 +94,50 @@ class CollaFuse(FedAvg):
     # ------------------------------------------------------------------------------- training
     def upload_problem(self, content: RecordDict) -> str | None:
         """Why a reply cannot be trained on, or None: one bad client must not poison the shared model."""
-        metrics = list(content.metric_records.values())
-        weight = metrics[0].get(self.weighted_by_key) if len(metrics) == 1 else None
-        bound = self.cfg.strategy.max_num_examples
-        if not isinstance(weight, int) or not 0 < weight <= bound:
-            return f"expected one MetricRecord with an integer {self.weighted_by_key!r} in [1, {bound}]"
+        return self._checked_upload(content)[0]
+
+    def _checked_upload(self, content: RecordDict) -> tuple[str | None, Triples | None]:
+        """(problem, None) for a bad reply, (None, its decoded triples) for a good one."""
+        problem = weight_problem(content, self.weighted_by_key, self.cfg.strategy.max_num_examples)
+        if problem:
+            return problem, None
         if set(content.array_records) != {"upload"}:
-            return f"expected one ArrayRecord named 'upload', got {sorted(content.array_records)}"
+            return f"expected one ArrayRecord named 'upload', got {sorted(content.array_records)}", None
         record = content.array_records["upload"]
         if set(record.keys()) != set(UPLOAD_KEYS):
-            return f"upload holds {sorted(record.keys())}, expected {sorted(UPLOAD_KEYS)}"
+            return f"upload holds {sorted(record.keys())}, expected {sorted(UPLOAD_KEYS)}", None
         x_t, t, target = upload_from_record(record)
         n = len(t)
         if t.dtype != torch.int64 or t.dim() != 1:
-            return f"t must be a 1-d int64 array, got {t.dtype} of shape {tuple(t.shape)}"
+            return f"t must be a 1-d int64 array, got {t.dtype} of shape {tuple(t.shape)}", None
         for name, tensor in (("x-t", x_t), ("target", target)):
             if not tensor.is_floating_point():
-                return f"{name} must be floating point, got {tensor.dtype}"
+                return f"{name} must be floating point, got {tensor.dtype}", None
             if tuple(tensor.shape) != (n, *self.shape):
-                return f"{name} has shape {tuple(tensor.shape)}, expected {(n, *self.shape)}"
+                return f"{name} has shape {tuple(tensor.shape)}, expected {(n, *self.shape)}", None
             if not bool(torch.isfinite(tensor).all()):
-                return f"{name} holds non-finite values"
+                return f"{name} holds non-finite values", None
         if n > self.cfg.collafuse.upload_samples:
-            return f"{n} samples exceed collafuse.upload-samples = {self.cfg.collafuse.upload_samples}"
+            return f"{n} samples exceed collafuse.upload-samples = {self.cfg.collafuse.upload_samples}", None
         if n and not (int(t.min()) >= self.t_cut and int(t.max()) < self.diffusion.timesteps):
-            return f"t spans [{int(t.min())}, {int(t.max())}], outside the server's [{self.t_cut}, {self.diffusion.timesteps})"
-        return None
+            return (f"t spans [{int(t.min())}, {int(t.max())}], outside the server's "
+                    f"[{self.t_cut}, {self.diffusion.timesteps})"), None
+        return None, (x_t, t, target)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         good: list[Message] = []
+        uploads: dict[int, Triples] = {}
         for reply in valid:
-            problem = self.upload_problem(reply.content)
-            if problem:
+            problem, triples = self._checked_upload(reply.content)
+            if triples is None:
                 log(WARNING, "dropping reply from node %d: %s", reply.metadata.src_node_id, problem)
             else:
                 good.append(reply)
+                uploads[reply.metadata.src_node_id] = triples
         if not good:
             return None, None
-        uploads = {m.metadata.src_node_id: upload_from_record(m.content["upload"]) for m in good}
         for reply in good:
             node = reply.metadata.src_node_id
             metrics = reply.content.metric_records[next(iter(reply.content.metric_records))]

@@ -39,20 +39,29 @@ class Full(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         answered = [m for m in replies if not m.has_error()]
-        # Without a configured round (a direct call), the first reply sets the keys and shapes.
-        shapes = self._shapes or ({k: tuple(v.shape) for k, v in answered[0].content[self.arrayrecord_key].items()}
-                                  if answered and self.arrayrecord_key in answered[0].content.array_records else {})
+        shapes = self._reference(answered)
         kept = [m for m in replies if m.has_error() or self._valid(m, shapes)]
         valid = len([m for m in kept if not m.has_error()])
         if answered and valid < self.min_valid_replies:
             log(WARNING, "round %d keeps the previous model: %d valid replies, strategy.min-valid-replies = %d",
                 server_round, valid, self.min_valid_replies)
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, kept)
-        if arrays is not None and self.aggregation != "mean":
-            records = [m.content[self.arrayrecord_key] for m in kept if not m.has_error()]
-            arrays = robust_record(records, self.aggregation, self.trim_fraction)
-        return arrays, metrics
+        if self.aggregation == "mean":
+            return super().aggregate_train(server_round, kept)
+        good, _ = self._check_and_log_replies(kept, is_train=True)
+        if not good:
+            return None, None
+        contents = [m.content for m in good]
+        arrays = robust_record([c[self.arrayrecord_key] for c in contents], self.aggregation, self.trim_fraction)
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def _reference(self, answered: list[Message]) -> dict[str, tuple[int, ...]]:
+        """The global keys and shapes; without a configured round (a direct call), the first reply's."""
+        if self._shapes is not None:
+            return self._shapes
+        if answered and self.arrayrecord_key in answered[0].content.array_records:
+            return {k: tuple(v.shape) for k, v in answered[0].content[self.arrayrecord_key].items()}
+        return {}
 
     def _valid(self, reply: Message, shapes: dict[str, tuple[int, ...]]) -> bool:
         problem = reply_problem(reply.content, shapes, arrays_key=self.arrayrecord_key,

@@ -16,16 +16,24 @@ from fedapp.records import decode_array
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def reply_problem(content: RecordDict, expected: Mapping[str, tuple[int, ...]], *, arrays_key: str,
-                  weighted_by_key: str, max_examples: int) -> str | None:
-    """Why a reply cannot be averaged into a model of ``expected`` keys and shapes, or None."""
-    if arrays_key not in content.array_records or len(content.array_records) != 1:
-        return f"expected one ArrayRecord named {arrays_key!r}"
+def weight_problem(content: RecordDict, weighted_by_key: str, max_examples: int) -> str | None:
+    """A reply's weight is the client's own claim: one MetricRecord, an integer in [1, max_examples]."""
     metrics = list(content.metric_records.values())
     weight = metrics[0].get(weighted_by_key) if len(metrics) == 1 else None
     if not isinstance(weight, int | float) or weight != int(weight) or not 0 < weight <= max_examples:
         return (f"expected one MetricRecord with an integer {weighted_by_key!r} in [1, {max_examples}] "
                 f"(strategy.max-num-examples), got {weight!r}")
+    return None
+
+
+def reply_problem(content: RecordDict, expected: Mapping[str, tuple[int, ...]], *, arrays_key: str,
+                  weighted_by_key: str, max_examples: int) -> str | None:
+    """Why a reply cannot be averaged into a model of ``expected`` keys and shapes, or None."""
+    if arrays_key not in content.array_records or len(content.array_records) != 1:
+        return f"expected one ArrayRecord named {arrays_key!r}"
+    problem = weight_problem(content, weighted_by_key, max_examples)
+    if problem:
+        return problem
     arrays = content[arrays_key]
     got = set(arrays.keys())
     if got != set(expected):
