@@ -78,19 +78,35 @@ def report_parts(config: Mapping[str, object]) -> tuple[str, ...]:
     return parts
 
 
-def personal_model(cfg: FedConfig, msg: Message, context: Context) -> tuple[UNet, Path]:
+def state_dir(cfg: FedConfig, msg: Message, context: Context, pid: int) -> Path:
+    """This partition's state folder, under the run the server names (a resumed run names the first)."""
+    run_id = int(msg.content["config"].get("state-run", context.run_id))  # type: ignore[call-overload]
+    return node_dir(state_root(cfg.train.node_state_dir), run_id, pid)
+
+
+def inject_fault(cfg: FedConfig, pid: int, server_round: int) -> None:
+    """``faults.*``: fail on purpose, so tests can show the round goes on without this client."""
+    if cfg.faults.hangs(pid, server_round):
+        time.sleep(cfg.faults.hang_seconds)
+    if cfg.faults.crashes(pid, server_round):
+        raise RuntimeError(f"injected fault: partition {pid} crashes in round {server_round} (faults.crash)")
+
+
+def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
+                   upto: int | None = None) -> tuple[UNet, Path]:
     """The global arrays received, with this node's own saved parts where it keeps private ones.
 
     Once a node has trained, its private parts come from its disk even if the server sends
-    them (as it does again after a lost reply), so they are never reset to the server's copy.
+    them (as it does again after a lost reply or to a restarted SuperNode), so they are never
+    reset to the server's copy. ``upto``: the newest saved round it may start from.
     """
     model = build_model(cfg)
     incoming = msg.content["arrays"]
-    directory = node_dir(state_root(cfg.train.node_state_dir), context.run_id, context.node_id)
+    directory = state_dir(cfg, msg, context, pid)
     own = set(model.state_dict())
     missing = own - set(incoming.keys())
     keep = set(parts_keys(private_parts(cfg.strategy.name), unet_parts(model)))
-    saved = load_node_model(directory) if (missing or keep) else None
+    saved = load_node_model(directory, upto) if (missing or keep) else None
     if missing and saved is None:
         raise RuntimeError(
             f"node {context.node_id} received {len(incoming)} of {len(own)} arrays "
@@ -109,7 +125,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     device = pick_device(cfg.train.device)
     report = report_parts(msg.content["config"])
-    model, directory = personal_model(cfg, msg, context)
+    model, directory = personal_model(cfg, msg, context, pid, upto=server_round - 1)
     report_keys = parts_keys(report, unet_parts(model))
     result = train_local(
         model,
@@ -125,6 +141,7 @@ def train(msg: Message, context: Context) -> Message:
         progress=cfg.output.progress,
         desc=f"client {pid} round {server_round}",
     )
+    inject_fault(cfg, pid, server_round)
     metrics = MetricRecord(
         {
             "num-examples": len(data.train),
@@ -147,7 +164,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, pid, _, data = _node_job(context)
     device = pick_device(cfg.train.device)
-    model, _ = personal_model(cfg, msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[call-overload]
+    model, _ = personal_model(cfg, msg, context, pid, upto=server_round or None)
     cap = cfg.eval.max_val_examples or len(data.val)
     images = data.val.images[:cap]
     loss = denoising_loss(
@@ -155,7 +173,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         batch_size=cfg.eval.batch_size, seed=cfg.seed + 7 * pid, device=device,
     )
     metrics = MetricRecord({"num-examples": len(images), "eval-loss": loss})
-    server_round = int(msg.content["config"].get("server-round", 0))
     if is_personalized(cfg.strategy.name) and cfg.eval.is_eval_round(server_round, cfg.train.rounds):
         meter = quality_meter(cfg, device)
         if meter.enabled:
@@ -188,11 +205,12 @@ def _cut(cfg: FedConfig, msg: Message) -> int:
     return own
 
 
-def own_model(cfg: FedConfig, context: Context) -> tuple[UNet, Path, bool]:
+def own_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
+              upto: int | None) -> tuple[UNet, Path, bool]:
     """This client's private denoiser from its disk (the seeded initialization before its first round)."""
-    directory = node_dir(state_root(cfg.train.node_state_dir), context.run_id, context.node_id)
+    directory = state_dir(cfg, msg, context, pid)
     model = build_model(cfg, seed=cfg.seed)
-    saved = load_node_model(directory)
+    saved = load_node_model(directory, upto)
     if saved is not None:
         model.load_state_dict(saved["model"])  # type: ignore[arg-type]
     return model, directory, saved is not None
@@ -204,7 +222,7 @@ def collafuse_train(msg: Message, context: Context) -> Message:
     cfg, pid, num, data = _node_job(context)
     t_cut = _cut(cfg, msg)
     server_round = int(msg.content["config"]["server-round"])
-    model, directory, _ = own_model(cfg, context)
+    model, directory, _ = own_model(cfg, msg, context, pid, upto=server_round - 1)
     diffusion = build_diffusion(cfg)
     done, upload = client_round(
         model, diffusion, data.train.images, t_cut,
@@ -213,6 +231,7 @@ def collafuse_train(msg: Message, context: Context) -> Message:
         upload_cap=cfg.collafuse.upload_samples, max_steps=cfg.train.max_steps_per_round,
         progress=cfg.output.progress, desc=f"collafuse client {pid} round {server_round}",
     )
+    inject_fault(cfg, pid, server_round)
     save_node_model(directory, model.state_dict(), pid, server_round)
     record = upload.record(cfg.transport.dtype)
     sent = decode_record(record)  # the audit scores exactly what the server receives
@@ -252,7 +271,8 @@ def collafuse_evaluate(msg: Message, context: Context) -> Message:
     t_cut = _cut(cfg, msg)
     config = msg.content["config"]
     device = pick_device(cfg.train.device)
-    model, directory, trained = own_model(cfg, context)
+    server_round = int(config.get("server-round", 0))  # type: ignore[call-overload]
+    model, directory, trained = own_model(cfg, msg, context, pid, upto=server_round or None)
     if t_cut > 0 and not trained:
         raise RuntimeError(f"node {context.node_id} owns t < {t_cut} but has no model of its own in {directory} yet")
     diffusion = build_diffusion(cfg)

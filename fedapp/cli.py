@@ -114,6 +114,94 @@ def _check_comm(runs: list[Path]) -> int:
     return 1 if mismatched else 0
 
 
+def _app_config(app: Path, overrides: list[str]) -> dict[str, object]:
+    """The app's ``[tool.flwr.app.config]`` with ``k=v`` overrides on top, as ``flwr run`` would pass it."""
+    import tomllib
+
+    from fedapp.config import ConfigError, flatten
+
+    pyproject = app / "pyproject.toml"
+    try:
+        defaults = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as err:
+        raise FileNotFoundError(f"{pyproject} holds no [tool.flwr.app.config] ({type(err).__name__})") from None
+    config = flatten(defaults)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        try:
+            config[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            config[key] = raw  # a bare word, e.g. strategy.name=udec
+    return config
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Preflight: the config, the data and the split, before any SuperLink or SuperNode starts."""
+    from fedapp.builders import build_model
+    from fedapp.config import ConfigError, parse_config
+    from fedapp.local_data import pool_partitioner
+    from fedapp.partition import partition_indices
+
+    cfg = parse_config(_app_config(args.app, args.overrides))
+    num = args.partitions or cfg.data.num_partitions
+    if not num:
+        raise ConfigError("how many clients? give --partitions N or data.num-partitions")
+    if cfg.strategy.name != "centralized" and cfg.strategy.min_nodes > num:
+        raise ConfigError(f"strategy.min-nodes = {cfg.strategy.min_nodes} but only {num} partitions: "
+                          "the first round would wait for nodes that cannot exist")
+    partitioner = pool_partitioner(cfg.data, cfg.seed, num)
+    sizes = [len(partition_indices(partitioner, pid)) for pid in range(num)]
+    params = sum(p.numel() for p in build_model(cfg).parameters())
+    print(f"ok: {cfg.strategy.name} on {cfg.data.name}, {num} {cfg.data.partitioner} partitions of "
+          f"{min(sizes)}..{max(sizes)} images, UNet {params:,} parameters, {cfg.train.rounds} rounds")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """Check the run and its newest checkpoint here, then hand the saved config back to ``flwr run``."""
+    import shutil
+    import subprocess
+    import tempfile
+    import tomllib
+
+    import tomli_w
+
+    from fedapp.config import parse_config
+    from fedapp.resume import load_resume_point
+    from fedapp.rundir import read_jsonl
+
+    run = args.run.expanduser().resolve()
+    config = run / "config.toml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.toml)")
+    try:
+        saved = parse_config(tomllib.loads(config.read_text()))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{config} is not readable TOML ({err})") from None
+    changes = {"resume": str(run)}
+    cfg = saved.model_copy(update={
+        "output": saved.output.model_copy(update=changes),
+        "train": saved.train.model_copy(update={"rounds": args.rounds or saved.train.rounds})})
+    point = load_resume_point(parse_config(cfg.flat()))  # the server checks again; failing here is cheaper
+    print(f"resuming {run.name} after round {point.round} of {cfg.train.rounds} ({point.checkpoint.name})",
+          flush=True)
+    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
+    with tempfile.TemporaryDirectory(prefix="fedapp-resume-") as tmp:
+        run_config = Path(tmp) / "run-config.toml"
+        run_config.write_text(tomli_w.dumps(cfg.model_dump(by_alias=True)))
+        command = [flwr, "run", str(args.app), *([args.connection] if args.connection else []), "--stream",
+                   "--run-config", str(run_config), *args.flwr_args]
+        code = subprocess.call(command)
+    rounds = [int(row["round"]) for row in read_jsonl(run / "metrics.jsonl")] if (run / "metrics.jsonl").exists() else []
+    if code == 0 and rounds[-1:] != [cfg.train.rounds]:
+        print(f"fedapp resume: flwr run ended but {run.name} reached round {max(rounds, default=0)} of "
+              f"{cfg.train.rounds}; see the log above", file=sys.stderr)
+        return 1
+    return code
+
+
 def _report(args: argparse.Namespace) -> int:
     from fedapp.report import write_report
 
@@ -165,14 +253,33 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=Path("report"),
                         help="folder for report.md and its figures (default: ./report)")
     report.set_defaults(func=_report)
+    check = sub.add_parser("check", help="validate a config, its data and its split without running anything")
+    check.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="run-config overrides, as for flwr run --run-config (e.g. strategy.name=udec)")
+    check.add_argument("--partitions", type=int, default=0, help="clients (default: data.num-partitions)")
+    check.add_argument("--app", type=Path, default=Path("."), help="the app folder with pyproject.toml")
+    check.set_defaults(func=_check)
+
+    resume = sub.add_parser("resume", help="continue a run from its last complete round (runs flwr run)",
+                            epilog="Arguments after -- go to flwr run, e.g. -- --federation-config "
+                                   "'num-supernodes=3'.")
+    resume.add_argument("run", type=Path, metavar="RUN_DIR")
+    resume.add_argument("--rounds", type=int, default=0, help="train.rounds to reach (default: the run's)")
+    resume.add_argument("--app", type=Path, default=Path("."), help="the app folder (default: .)")
+    resume.add_argument("--connection", default="",
+                        help="flwr connection, e.g. a deployment's (default: flwr's default)")
+    resume.add_argument("flwr_args", nargs="*", help="passed on to flwr run")
+    resume.set_defaults(func=_resume)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedapp.datasets import DatasetNotFoundError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError, DatasetNotFoundError) as err:
         print(f"fedapp {args.command}: {err}", file=sys.stderr)
         return 2
 

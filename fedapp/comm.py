@@ -39,6 +39,13 @@ class CommLedger:
     def __init__(self) -> None:
         self.transfers: list[Transfer] = []
 
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, object]]) -> CommLedger:
+        """A ledger from ``rows()`` (a checkpoint's), so a resumed run keeps counting from there."""
+        ledger = cls()
+        ledger.transfers = [Transfer(**{**row, "parts": tuple(row.get("parts", ()))}) for row in rows]  # type: ignore[arg-type, call-overload]
+        return ledger
+
     def add(self, server_round: int, node_id: int, direction: Direction, message_type: str,
             content: RecordDict | None) -> Transfer:
         params, nbytes = content_size(content) if content is not None else (0, 0)

@@ -100,7 +100,9 @@ class StrategyConfig(_Section):
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_nodes: int = Field(2, ge=1)
-    round_timeout: float = Field(3600.0, gt=0)
+    round_timeout: float = Field(3600.0, gt=0)  # a node that has not replied by then is dropped
+    # Before each round, at most this long for min-nodes SuperNodes to connect; then a one-line error.
+    node_timeout: float = Field(600.0, gt=0)
     # A reply claiming more examples is dropped: a client must not outweigh the rest by fiat.
     max_num_examples: int = Field(10_000_000, ge=1)
     # Fewer valid replies than this and the round keeps the previous model.
@@ -167,6 +169,41 @@ class OutputConfig(_Section):
     dir: str = "runs"
     name: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*)?$", max_length=200)
     progress: bool = True
+    # A run directory to continue from its last complete round (``fedapp resume RUN`` sets it).
+    resume: str = ""
+
+
+def _fault_pairs(value: str) -> str:
+    try:
+        pairs = [tuple(int(x) for x in item.split("@")) for item in value.split(",") if item.strip()]
+    except ValueError:
+        pairs = [()]
+    if any(len(p) != 2 or p[0] < 0 or p[1] < 1 for p in pairs):
+        raise ValueError("must be comma-separated PARTITION@ROUND pairs, e.g. '1@2,0@3'")
+    return ",".join(f"{p}@{r}" for p, r in pairs)
+
+
+class FaultConfig(_Section):
+    """Failures injected on purpose into clients, to test that a deployment survives them. Off by default."""
+
+    crash: str = ""  # PARTITION@ROUND,...: that client raises after training in that round
+    hang: str = ""  # PARTITION@ROUND,...: that client sleeps hang-seconds before replying
+    hang_seconds: float = Field(0.0, ge=0)
+
+    @field_validator("crash", "hang")
+    @classmethod
+    def _check_pairs(cls, value: str) -> str:
+        return _fault_pairs(value)
+
+    @staticmethod
+    def _hits(pairs: str, partition_id: int, server_round: int) -> bool:
+        return f"{partition_id}@{server_round}" in pairs.split(",")
+
+    def crashes(self, partition_id: int, server_round: int) -> bool:
+        return self._hits(self.crash, partition_id, server_round)
+
+    def hangs(self, partition_id: int, server_round: int) -> bool:
+        return self._hits(self.hang, partition_id, server_round)
 
 
 class FedConfig(_Section):
@@ -182,6 +219,7 @@ class FedConfig(_Section):
     transport: TransportConfig = TransportConfig()
     collafuse: CollafuseConfig = CollafuseConfig()
     output: OutputConfig = OutputConfig()
+    faults: FaultConfig = FaultConfig()
 
     def flat(self) -> dict[str, Any]:
         """The config as Flower-style dotted kebab keys (what pyproject.toml holds)."""

@@ -1,8 +1,14 @@
 """A node's own model, kept on the node's disk between rounds.
 
 On a deployment every message starts a fresh ClientApp process, so parts a client keeps
-private (ULatDec's encoder, UDec's encoder and bottleneck) must outlive the process.
-They live under ``<node-state-dir>/run-<run id>/node-<node id>/``, written atomically.
+private (ULatDec's encoder, UDec's encoder and bottleneck, CollaFuse's whole model) must
+outlive the process. They live under ``<node-state-dir>/run-<run id>/partition-<id>/``:
+keyed by partition, not by Flower's node id, so a restarted SuperNode finds them again,
+and by the run a resumed run continues (the server names it), so a resume does too.
+
+Two models are kept, the newest and the one before, because a server that resumes from
+round R may meet nodes that already trained round R+1: each round starts from the newest
+model of an earlier round, so the resumed round repeats exactly what the lost one did.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from fedapp.checkpoint import atomic_torch_save
 
 STATE_DIR_ENV = "FEDAPP_NODE_STATE_DIR"
 MODEL_FILE = "model.pt"
+PREVIOUS_FILE = "model-previous.pt"
 
 
 def state_root(configured: str = "") -> Path:
@@ -24,22 +31,32 @@ def state_root(configured: str = "") -> Path:
     return Path(raw).expanduser()
 
 
-def node_dir(root: Path, run_id: int, node_id: int) -> Path:
-    return root / f"run-{run_id}" / f"node-{node_id}"
+def node_dir(root: Path, run_id: int, partition_id: int) -> Path:
+    return root / f"run-{run_id}" / f"partition-{partition_id}"
+
+
+def _load(path: Path) -> dict[str, object] | None:
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
 def save_node_model(directory: Path, state: dict[str, torch.Tensor], partition_id: int, server_round: int) -> Path:
+    """The newest model; the one it replaces is kept as the previous if it is from an earlier round."""
+    newest = directory / MODEL_FILE
+    current = _load(newest)
+    if current is not None and int(current["round"]) < server_round:  # type: ignore[call-overload]
+        os.replace(newest, directory / PREVIOUS_FILE)
     payload = {"model": {k: v.detach().cpu() for k, v in state.items()},
                "partition-id": partition_id, "round": server_round}
-    return atomic_torch_save(payload, directory / MODEL_FILE)
+    return atomic_torch_save(payload, newest)
 
 
-def load_node_model(directory: Path) -> dict[str, object] | None:
-    """The node's last saved model payload, or None on its first round."""
-    path = directory / MODEL_FILE
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_node_model(directory: Path, upto: int | None = None) -> dict[str, object] | None:
+    """The node's newest saved model of a round <= ``upto`` (any round without it), or None."""
+    for name in (MODEL_FILE, PREVIOUS_FILE):
+        payload = _load(directory / name)
+        if payload is not None and (upto is None or int(payload["round"]) <= upto):  # type: ignore[call-overload]
+            return payload
+    return None
 
 
 def save_node_file(directory: Path, name: str, payload: dict[str, object]) -> Path:
@@ -48,14 +65,13 @@ def save_node_file(directory: Path, name: str, payload: dict[str, object]) -> Pa
 
 
 def load_node_file(directory: Path, name: str) -> dict[str, object] | None:
-    path = directory / name
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    return _load(directory / name)
 
 
 def collect_node_models(root: Path, run_id: int) -> dict[int, dict[str, torch.Tensor]]:
-    """Every node's model of a run that this machine can see, by partition id (simulation)."""
+    """Every node's newest model of a run that this machine can see, by partition id (simulation)."""
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for path in sorted((root / f"run-{run_id}").glob(f"node-*/{MODEL_FILE}")):
+    for path in sorted((root / f"run-{run_id}").glob(f"partition-*/{MODEL_FILE}")):
         payload = torch.load(path, map_location="cpu", weights_only=True)
         out[int(payload["partition-id"])] = payload["model"]
     return out

@@ -1,11 +1,11 @@
-"""ServerApp: validate the config once, build the model, run the chosen strategy."""
+"""ServerApp: validate the config once, build the model (or resume a run), drive the chosen strategy."""
 
 from __future__ import annotations
 
 import time
 from logging import ERROR, INFO
 
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -13,25 +13,43 @@ from fedapp.builders import build_diffusion, build_model
 from fedapp.centralized import run_centralized
 from fedapp.checkpoint import save_checkpoint
 from fedapp.comm import CommLedger, format_summary
-from fedapp.config import ConfigError, parse_config
+from fedapp.config import ConfigError, FedConfig, parse_config
 from fedapp.methods import clients_own_models
 from fedapp.records import model_to_record
+from fedapp.resume import ResumePoint, load_resume_point, rng_state, set_rng_state
 from fedapp.rundir import RunDir
 from server_app.recorder import RoundRecorder
+from server_app.rounds import NodesMissingError, run_rounds
 from server_app.transport import server_grid
 from strategies import CollaFuse, build_strategy
 
 app = ServerApp()
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
+def _fail(err: Exception) -> SystemExit:
+    """One line in the log and as the exit reason; nothing written so far is touched."""
+    log(ERROR, "%s", err)
+    return SystemExit(f"fedapp: {err}")
+
+
+def _start(context: Context) -> tuple[FedConfig, RunDir, ResumePoint | None]:
     try:
         cfg = parse_config(context.run_config)
+        if cfg.output.resume and cfg.strategy.name == "centralized":
+            raise ConfigError("output.resume: the centralized baseline cannot be resumed; run it again")
+        point = load_resume_point(cfg) if cfg.output.resume else None
     except ConfigError as err:
-        log(ERROR, "%s", err)
-        raise SystemExit(f"fedapp: {err}") from None
-    run = RunDir.create(cfg)
+        raise _fail(err) from None
+    run = point.run if point else RunDir.create(cfg)
+    if point:
+        run.write_config(cfg.model_copy(update={"output": cfg.output.model_copy(update={"resume": ""})}))
+        log(INFO, "resuming %s after round %d (%s)", run.path, point.round, point.checkpoint.name)
+    return cfg, run, point
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg, run, point = _start(context)
     log(INFO, "fedapp run directory: %s", run.path)
     print(f"fedapp run directory: {run.path}", flush=True)
 
@@ -41,27 +59,35 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "centralized baseline finished: %d rounds in %s", len(rows), run.path)
         return
     model = build_model(cfg, seed=cfg.seed)
-    ledger = CommLedger()
+    ledger = CommLedger.from_rows(point.extra["comm"]) if point else CommLedger()
     strategy_grid, metered = server_grid(grid, ledger, cfg.transport.dtype)
     strategy = build_strategy(cfg)
-    split = strategy if isinstance(strategy, CollaFuse) else None
-    recorder = RoundRecorder(cfg, run, model, build_diffusion(cfg), metered, ledger, run_id=context.run_id,
-                             split=split)
+    state_run = point.state_run if point else context.run_id  # the nodes' state stays under the first run
+
+    def server_state() -> dict[str, object]:
+        return {"strategy": strategy.state(), "rng": rng_state(), "state-run": state_run}  # type: ignore[attr-defined]
+
+    recorder = RoundRecorder(cfg, run, model, build_diffusion(cfg), metered, ledger, run_id=state_run,
+                             split=strategy if isinstance(strategy, CollaFuse) else None, server_state=server_state)
+    if point:
+        model.load_state_dict(point.model)
+        strategy.restore(point.extra["strategy"])  # type: ignore[attr-defined]
+        set_rng_state(point.extra["rng"])
+        recorder.restore(point.extra["metrics"])
     started = time.perf_counter()
-    result = strategy.start(
-        grid=strategy_grid,
-        initial_arrays=model_to_record(model),
-        num_rounds=cfg.train.rounds,
-        timeout=cfg.strategy.round_timeout,
-        evaluate_fn=recorder,
-    )
+    try:
+        run_rounds(strategy, strategy_grid, model_to_record(model), first=point.round + 1 if point else 1,
+                   last=cfg.train.rounds, timeout=cfg.strategy.round_timeout, min_nodes=cfg.strategy.min_nodes,
+                   node_timeout=cfg.strategy.node_timeout, evaluate_fn=recorder,
+                   config=ConfigRecord({"state-run": state_run}))
+    except NodesMissingError as err:
+        raise _fail(err) from None
     clients = recorder.client_models()
     final = save_checkpoint(
         run.path / "final.pt", cfg, cfg.train.rounds, recorder.model,
-        extra={"comm": ledger.rows(), "metrics": recorder.rows, "clients": clients, **recorder.server_state()},
+        extra={"comm": ledger.rows(), "metrics": recorder.rows, "clients": clients, **server_state()},
     )
     if clients_own_models(cfg.strategy.name):
         log(INFO, "final checkpoint holds %d client models (fedapp sample %s --client ID)", len(clients), final)
     log(INFO, "communication (all rounds):\n%s", format_summary(ledger))
     log(INFO, "fedapp finished in %.1f s; final checkpoint %s", time.perf_counter() - started, final)
-    del result

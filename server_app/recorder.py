@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Protocol
@@ -40,16 +41,21 @@ class SplitServer(Protocol):
 
     def client_samples(self, server_round: int) -> dict[int, torch.Tensor]: ...
 
-    def state(self) -> dict[str, object]: ...
-
 
 class RoundRecorder:
-    """The strategy's ``evaluate_fn``: called for round 0 and after every round."""
+    """The strategy's ``evaluate_fn``: called for round 0 and after every round.
+
+    Each round's checkpoint is written after the round's row is complete and before the row
+    is appended to the logs, so a run killed at any point resumes with every round logged once.
+    """
 
     def __init__(self, cfg: FedConfig, run: RunDir, model: UNet, diffusion: Diffusion,
-                 grid: MeteredGrid, ledger: CommLedger, run_id: int = 0, split: SplitServer | None = None) -> None:
+                 grid: MeteredGrid, ledger: CommLedger, run_id: int = 0, split: SplitServer | None = None,
+                 server_state: Callable[[], dict[str, object]] = dict) -> None:
+        """``run_id``: the run the nodes keep their state under; ``server_state``: a checkpoint's extras."""
         self.cfg, self.run, self.model, self.diffusion = cfg, run, model, diffusion
         self.split = split
+        self.server_state = server_state
         self.run_id = run_id
         self.grid, self.ledger = grid, ledger
         self.device = pick_device(cfg.train.device)
@@ -79,18 +85,17 @@ class RoundRecorder:
         }
         if self.split is not None:
             row["collafuse"] = self.split.round_report(server_round)
-        checkpoint = save_checkpoint(
-            self.run.checkpoint_path(server_round), self.cfg, server_round, self.model,
-            extra={"comm": self.ledger.rows(), "metrics": self.rows + [row], **self.server_state()},
-        )
-        row["checkpoint"] = str(checkpoint.relative_to(self.run.path))
         if self.cfg.eval.is_eval_round(server_round, self.cfg.train.rounds):
             quality, grid_path = self._quality(server_round, row["evaluate"])  # type: ignore[arg-type]
             if quality:
                 row["quality"] = quality
             if grid_path.exists():
                 row["samples"] = str(grid_path.relative_to(self.run.path))
+        checkpoint = self.run.checkpoint_path(server_round)
+        row["checkpoint"] = str(checkpoint.relative_to(self.run.path))
         row["record_s"] = round(time.perf_counter() - now, 3)
+        save_checkpoint(checkpoint, self.cfg, server_round, self.model,
+                        extra={"comm": self.ledger.rows(), "metrics": self.rows + [row], **self.server_state()})
         self.rows.append(row)
         self.run.append_jsonl(self.run.metrics_path, row)
         self.run.append_jsonl(
@@ -118,9 +123,16 @@ class RoundRecorder:
         log(ERROR, "%s", message)
         raise SystemExit(f"fedapp: {message}")
 
-    def server_state(self) -> dict[str, object]:
-        """Server-side state a checkpoint carries besides the model (CollaFuse's optimizer)."""
-        return self.split.state() if self.split is not None else {}
+    def restore(self, rows: list[dict[str, object]]) -> None:
+        """Continue after a checkpoint's rows: the logs hold exactly them, and the clock goes on from there."""
+        self.rows = list(rows)
+        done = int(rows[-1]["round"]) if rows else 0  # type: ignore[call-overload]
+        self.run.rewrite_jsonl(self.run.metrics_path, self.rows)
+        self.run.rewrite_jsonl(self.run.comm_path, [t for t in self.ledger.rows() if t["server_round"] <= done])  # type: ignore[operator]
+        wall = float(rows[-1]["wall_s"]) if rows else 0.0  # type: ignore[arg-type]
+        self.started = time.perf_counter() - wall
+        self.last = time.perf_counter()
+        self.label_plot_done = self.run.label_plot_path.exists()
 
     def client_models(self) -> dict[int, dict[str, torch.Tensor]]:
         """Each client's own model, by partition id, where this machine can see the nodes' disks."""

@@ -36,7 +36,7 @@ from fedapp.datasets import image_shape, to_model_range
 from fedapp.disclosure import denoiser_reconstruction
 from fedapp.records import decode_array, encode_tensor, load_record, model_to_record
 from fedapp.training import pick_device
-from strategies.validation import weight_problem
+from strategies.validation import by_node, weight_problem
 
 TRAIN_ACTION = "train.collafuse"
 Triples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x_t, t, target) as received
@@ -126,7 +126,7 @@ class CollaFuse(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid, _ = self._check_and_log_replies(by_node(replies), is_train=True, validate=False)
         good: list[Message] = []
         uploads: dict[int, Triples] = {}
         for reply in valid:
@@ -247,3 +247,6 @@ class CollaFuse(FedAvg):
     def state(self) -> dict[str, object]:
         """What a resume needs beyond the weights: the server's optimizer."""
         return {"optimizer": self.optimizer.state_dict()}
+
+    def restore(self, state: dict[str, object]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.robust import Aggregation, robust_record
-from strategies.validation import reply_problem
+from strategies.validation import by_node, reply_problem
 
 
 class Full(FedAvg):
@@ -30,6 +30,13 @@ class Full(FedAvg):
         self.aggregation, self.trim_fraction = aggregation, trim_fraction
         self._shapes: dict[str, tuple[int, ...]] | None = None
 
+    def state(self) -> dict[str, object]:
+        """What a resume needs beyond the weights: nothing, Full keeps no state across rounds."""
+        return {}
+
+    def restore(self, state: dict[str, object]) -> None:
+        del state
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
@@ -37,7 +44,7 @@ class Full(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = by_node(replies)
         answered = [m for m in replies if not m.has_error()]
         shapes = self._reference(answered)
         kept = [m for m in replies if m.has_error() or self._valid(m, shapes)]

@@ -22,7 +22,7 @@ from fedapp.client_metrics import mean_std_over_clients
 from fedapp.methods import ALL_PARTS, SHARED_PARTS, is_personalized, parts_keys, usplit_assignment
 from fedapp.unet import unet_parts
 from strategies.robust import Aggregation, robust_record
-from strategies.validation import reply_problem
+from strategies.validation import by_node, reply_problem
 
 
 class PartFedAvg(FedAvg):
@@ -41,6 +41,13 @@ class PartFedAvg(FedAvg):
         self.initialized: set[int] = set()  # nodes that hold their private parts
         self._global: ArrayRecord | None = None
         self._keys: dict[str, list[str]] = {}
+
+    def state(self) -> dict[str, object]:
+        """What a resume needs beyond the weights: which nodes already hold their private parts."""
+        return {"initialized": sorted(self.initialized)}
+
+    def restore(self, state: dict[str, object]) -> None:
+        self.initialized = set(state.get("initialized", []))  # type: ignore[call-overload]
 
     def assign(self, server_round: int, node_ids: list[int]) -> dict[int, tuple[str, ...]]:
         """Which parts each node reports this round: the shared ones, by default."""
@@ -78,7 +85,7 @@ class PartFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid, _ = self._check_and_log_replies(by_node(replies), is_train=True, validate=False)
         good = [m for m in valid if self._reported_its_task(m)]
         if valid and len(good) < self.min_valid_replies:
             log(WARNING, "round %d keeps the previous model: %d valid replies, strategy.min-valid-replies = %d",
@@ -131,6 +138,15 @@ class USplit(PartFedAvg):
     def __init__(self, *args: object, seed: int = 0, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.rng = random.Random(seed)
+
+    def state(self) -> dict[str, object]:
+        """Also the task generator, so a resumed run draws the tasks the uninterrupted one would."""
+        return {**super().state(), "rng": self.rng.getstate()}
+
+    def restore(self, state: dict[str, object]) -> None:
+        super().restore(state)
+        if "rng" in state:
+            self.rng.setstate(state["rng"])  # type: ignore[arg-type]
 
     def assign(self, server_round: int, node_ids: list[int]) -> dict[int, tuple[str, ...]]:
         tasks = usplit_assignment(sorted(node_ids), self.rng)

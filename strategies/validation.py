@@ -6,14 +6,20 @@ poisons the model, and ``num-examples`` is whatever the client claims.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
-from flwr.app import RecordDict
+from flwr.app import Message, RecordDict
 
 from fedapp.records import decode_array
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def by_node(replies: Iterable[Message]) -> list[Message]:
+    """Replies in node order, not arrival order: float sums then do not depend on which client was
+    faster, so a run (and a resumed one) gives the same model bit for bit."""
+    return sorted(replies, key=lambda m: m.metadata.src_node_id)
 
 
 def weight_problem(content: RecordDict, weighted_by_key: str, max_examples: int) -> str | None:

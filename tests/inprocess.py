@@ -16,6 +16,7 @@ from client_app.app import app as client_app
 from fedapp.builders import build_model
 from fedapp.comm import CommLedger
 from fedapp.config import FedConfig, parse_config
+from fedapp.node_state import node_dir, state_root
 from fedapp.records import model_to_record
 from flower_mocks import FakeGrid
 from server_app.transport import server_grid
@@ -43,11 +44,16 @@ class InProcessRun:
     ledger: CommLedger = field(default_factory=CommLedger)
     # The array dtypes of each message as it travelled (the server widens replies in place).
     dtypes: list[set[str]] = field(default_factory=list)
+    run_id: int = RUN_ID  # what each ClientApp's Context says (a resumed run gets a new one)
+
+    def state_dir(self, node: int, run_id: int | None = None) -> Path:
+        """Where this node keeps its own model (by partition, under its run or the one named)."""
+        return node_dir(state_root(self.cfg.train.node_state_dir), run_id or self.run_id, self.node_ids.index(node))
 
     def respond(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
         context = Context(
-            run_id=RUN_ID, node_id=node, state=RecordDict(), run_config=self.cfg.flat(),
+            run_id=self.run_id, node_id=node, state=RecordDict(), run_config=self.cfg.flat(),
             node_config={"partition-id": self.node_ids.index(node), "num-partitions": len(self.node_ids)},
         )
         self.sent.append(msg)

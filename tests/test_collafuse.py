@@ -15,7 +15,7 @@ from fedapp.config import ConfigError, parse_config
 from fedapp.datasets import to_model_range, to_uint8
 from fedapp.diffusion import Diffusion
 from fedapp.disclosure import audit_upload, denoiser_reconstruction, similarity
-from fedapp.node_state import load_node_model, node_dir
+from fedapp.node_state import load_node_model
 from fedapp.records import decode_array, decode_record, load_record
 from fedapp.unet import build_unet
 from flower_mocks import reply_from
@@ -110,7 +110,7 @@ def test_client_models_and_images_never_travel(tmp_path: Path) -> None:
     for msg in run.sent:
         if msg.metadata.message_type == "train.collafuse":
             assert not msg.content.array_records, "training messages carry no weights down"
-    saved = [load_node_model(node_dir(tmp_path / "nodes", RUN_ID, node)) for node in run.node_ids]
+    saved = [load_node_model(run.state_dir(node)) for node in run.node_ids]
     own = [t for payload in saved for t in payload["model"].values() if t.numel() > 1]  # type: ignore[index, union-attr]
     for msg in run.sent + run.replies:
         for record in msg.content.array_records.values():
@@ -142,7 +142,7 @@ def test_split_inference_equals_both_models_back_to_back(tmp_path: Path, sampler
     for reply in replies:
         node = reply.metadata.src_node_id
         client = build_model(cfg)
-        client.load_state_dict(load_node_model(node_dir(tmp_path / "nodes", RUN_ID, node))["model"])  # type: ignore[index, arg-type]
+        client.load_state_dict(load_node_model(run.state_dir(node))["model"])  # type: ignore[index, arg-type]
         server_seed, client_seed = sample_seeds(cfg.seed, 2, node)
         n = max(cfg.eval.metric_samples, cfg.eval.num_samples)
         expected = split_sample(server, client, diffusion, n, (1, 28, 28), 300, kind=sampler,  # type: ignore[arg-type]
@@ -164,7 +164,7 @@ def test_cut_ratio_zero_is_one_server_model_trained_on_every_client(tmp_path: Pa
     assert any(not torch.equal(decode_array(initial[k]), decode_array(final[k])) for k in initial.keys())
     seeded = build_model(run.cfg, seed=run.cfg.seed).state_dict()
     for node in run.node_ids:  # the clients' models own nothing and were never trained
-        state = load_node_model(node_dir(tmp_path / "nodes", RUN_ID, node))["model"]  # type: ignore[index]
+        state = load_node_model(run.state_dir(node))["model"]  # type: ignore[index]
         assert all(torch.equal(state[k], v) for k, v in seeded.items())  # type: ignore[index]
     share = run.strategy.round_report(2)["client-share"]
     assert share["train-samples"] == 0.0 and share["infer-steps"] == 0.0  # type: ignore[index]

@@ -17,7 +17,7 @@ from inprocess import RUN_ID, run_inprocess
 from fedapp.builders import build_model
 from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.methods import ALL_PARTS, SHARED_PARTS, private_parts, round_cost
-from fedapp.node_state import load_node_model, node_dir
+from fedapp.node_state import load_node_model
 from fedapp.records import model_to_record
 from fedapp.unet import part_of, part_sizes
 
@@ -57,7 +57,7 @@ def test_private_parts_never_travel_and_persist_on_the_node(tmp_path: Path, meth
             assert np.array_equal(final[key].numpy(), initial[key].numpy())
 
     # Each node's private parts live on its disk, trained, and differ between nodes.
-    saved = [load_node_model(node_dir(tmp_path / "nodes", RUN_ID, n)) for n in run.node_ids]
+    saved = [load_node_model(run.state_dir(n)) for n in run.node_ids]
     assert all(s is not None and s["round"] == 3 for s in saved)
     key = next(k for k in initial.keys() if part_of(k) in private and initial[k].numpy().ndim > 1)
     init = torch.from_numpy(initial[key].numpy())
@@ -70,7 +70,7 @@ def test_a_node_without_its_saved_parts_refuses_to_guess(tmp_path: Path) -> None
     """Private parts come from disk, not memory: losing them is an error, not a silent reset."""
     run, _, _ = run_inprocess(tmp_path, nodes=2, **{"strategy.name": "udec", "train.rounds": 1})
     for node in run.node_ids:
-        (node_dir(tmp_path / "nodes", RUN_ID, node) / "model.pt").unlink()
+        (run.state_dir(node) / "model.pt").unlink()
     msg = run.sent[0]
     from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -113,7 +113,7 @@ def test_every_method_runs_under_every_partitioner(tmp_path: Path, method: str, 
 def test_shared_scope_freezes_what_a_client_does_not_report(tmp_path: Path) -> None:
     run, initial, _ = run_inprocess(
         tmp_path, nodes=2, **{"strategy.name": "udec", "train.scope": "shared", "train.rounds": 1})
-    saved = load_node_model(node_dir(tmp_path / "nodes", RUN_ID, run.node_ids[0]))
+    saved = load_node_model(run.state_dir(run.node_ids[0]))
     assert saved is not None
     for key, value in saved["model"].items():  # type: ignore[union-attr]
         same = torch.equal(value, torch.from_numpy(initial[key].numpy()))
@@ -124,7 +124,7 @@ def test_private_parts_survive_the_server_resending_the_whole_model(tmp_path: Pa
     """After a lost reply the server sends the whole model again; the node keeps its own parts."""
     run, initial, _ = run_inprocess(tmp_path, nodes=2, **{"strategy.name": "ulatdec", "train.rounds": 1})
     node = run.node_ids[0]
-    directory = node_dir(tmp_path / "nodes", RUN_ID, node)
+    directory = run.state_dir(node)
     before = load_node_model(directory)
     assert before is not None
     resend = Message(RecordDict({"arrays": initial, "config": ConfigRecord({"server-round": 2})}),
