@@ -118,23 +118,14 @@ def _app_config(app: Path, overrides: list[str]) -> dict[str, object]:
     """The app's ``[tool.flwr.app.config]`` with ``k=v`` overrides on top, as ``flwr run`` would pass it."""
     import tomllib
 
-    from fedapp.config import ConfigError, flatten
+    from fedapp.config import flatten, parse_overrides
 
     pyproject = app / "pyproject.toml"
     try:
         defaults = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
     except (OSError, KeyError, tomllib.TOMLDecodeError) as err:
         raise FileNotFoundError(f"{pyproject} holds no [tool.flwr.app.config] ({type(err).__name__})") from None
-    config = flatten(defaults)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"expected key=value, got {item!r}")
-        try:
-            config[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            config[key] = raw  # a bare word, e.g. strategy.name=udec
-    return config
+    return {**flatten(defaults), **parse_overrides(overrides)}
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -267,6 +267,22 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``k=v`` pairs as TOML values, a bare word taken as a string (``strategy.name=udec``)."""
+    import tomllib
+
+    config: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        try:
+            config[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            config[key] = raw
+    return config
+
+
 def _allowed(loc: tuple[Any, ...]) -> str:
     """The keys a section accepts, for an 'unknown key' message."""
     model: type[BaseModel] = FedConfig
