@@ -12,6 +12,8 @@ stamps the ServerApp's log lines with the time, which dates each phase:
 
     python bench/deployment_cost.py --nodes 2 --out cost.json
     python bench/deployment_cost.py --extra-config 'data.cache=false'   # the same, without the cache
+    scripts/make_certs.sh /tmp/certs 2
+    python bench/deployment_cost.py --tls-dir /tmp/certs --auth         # with TLS and registered nodes
 """
 
 from __future__ import annotations
@@ -145,10 +147,12 @@ def run_config(nodes: int, workdir: Path, extra: str) -> dict[str, object]:
 
 
 def deploy_and_run(workdir: Path, nodes: int, config: dict[str, object], timeout: float,
-                   result: dict[str, Any]) -> list[dict[str, Any]]:
+                   result: dict[str, Any], tls_dir: Path | None = None,
+                   auth: bool = False) -> list[dict[str, Any]]:
     """One run on a fresh deployment; its rounds, or an exit naming the log when it failed."""
     start = time.perf_counter()
-    with LocalDeployment(workdir, nodes, link_env={"FLWR_LOG_LEVEL": "DEBUG"}) as deployment:
+    with LocalDeployment(workdir, nodes, link_env={"FLWR_LOG_LEVEL": "DEBUG"}, tls_dir=tls_dir,
+                         auth=auth) as deployment:
         result["startup_s"] = time.perf_counter() - start
         start = time.perf_counter()
         done = deployment.run(config, timeout)
@@ -171,15 +175,20 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed for flwr run")
     parser.add_argument("--import-repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--tls-dir", type=Path, default=None, help="TLS on, with scripts/make_certs.sh DIR")
+    parser.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls-dir)")
     args = parser.parse_args()
+    if args.auth and args.tls_dir is None:
+        parser.error("--auth needs --tls-dir")
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fedapp-deployment-cost-"))).resolve()
     config = run_config(args.nodes, workdir, args.extra_config)
     result: dict[str, Any] = {"machine": machine(), "nodes": args.nodes, "extra_config": args.extra_config,
+                              "tls": args.tls_dir is not None, "auth": args.auth,
                               "config": config, "workdir": str(workdir)}
     # before the deployment starts, so the two don't compete for the cores
     result["python_start_s"] = fresh_process_s("pass", args.import_repeats)
     result["import_s"] = fresh_process_s("import client_app.app", args.import_repeats)
-    result["rounds"] = deploy_and_run(workdir, args.nodes, config, args.timeout, result)
+    result["rounds"] = deploy_and_run(workdir, args.nodes, config, args.timeout, result, args.tls_dir, args.auth)
     result["summary"] = {k: mean(result["rounds"], k) for k in
                          ("round_s", "train_s", "evaluate_s", "train_compute_s", "train_overhead_s")}
     print_table(result)
