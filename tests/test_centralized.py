@@ -5,20 +5,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
 import torch
+from markers import needs_fmnist
 
 from fedapp.centralized import pooled_data, run_centralized
 from fedapp.checkpoint import load_checkpoint
 from fedapp.config import parse_config
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.local_data import local_data
 from fedapp.rundir import RunDir, read_jsonl
 
-pytestmark = pytest.mark.skipif(
-    not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
-    reason="apt-get install dataset-fashion-mnist",
-)
+pytestmark = needs_fmnist
 
 
 def _cfg(tmp_path: Path, **extra: object):  # type: ignore[no-untyped-def]

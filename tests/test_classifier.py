@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from markers import needs_fmnist
 
 from fedapp import classifier, datasets
 from fedapp.classifier import (
@@ -24,11 +25,6 @@ from fedapp.classifier import (
 )
 from fedapp.config import DataConfig
 from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR, ImageData
-
-needs_real_fmnist = pytest.mark.skipif(
-    not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
-    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +70,7 @@ def test_committed_weights_load_with_meta() -> None:
     assert isinstance(meta["test_accuracy"], float)
 
 
-@needs_real_fmnist
+@needs_fmnist
 def test_committed_accuracy_matches_meta(fmnist: tuple[ImageData, ImageData]) -> None:
     _, test = fmnist
     assert len(test) == 10000
@@ -86,7 +82,7 @@ def test_committed_accuracy_matches_meta(fmnist: tuple[ImageData, ImageData]) ->
 # ---------------------------------------------------------------------------- training
 
 
-@needs_real_fmnist
+@needs_fmnist
 def test_short_training_is_reproducible_and_learns(fmnist: tuple[ImageData, ImageData]) -> None:
     train, test = fmnist
     images, labels = train.images[:2000], train.labels[:2000]

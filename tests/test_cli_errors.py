@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from markers import needs_fmnist
 
 from fedapp.cli import main
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-HAVE_FMNIST = (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
 
 
 def fedapp(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -61,7 +60,7 @@ def test_fedapp_check_rejects_bad_config_in_one_line(args: list[str], needles: l
     one_line_error(subprocess.CompletedProcess([], code, out.out, out.err), "fedapp check:", *needles)
 
 
-@pytest.mark.skipif(not HAVE_FMNIST, reason="needs the real Fashion-MNIST: apt-get install dataset-fashion-mnist")
+@needs_fmnist
 def test_fedapp_check_rejects_more_partitions_than_images_and_passes_a_good_config() -> None:
     """Through the real command: the shell sees the exit code."""
     one_line_error(fedapp("check", "--partitions", "50", "data.max-train-examples=20"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from inprocess import run_inprocess, tiny_config
 from torch import nn
 
 from fedapp.builders import build_diffusion, build_model
@@ -19,7 +20,6 @@ from fedapp.node_state import load_node_model
 from fedapp.records import decode_array, decode_record, load_record
 from fedapp.unet import build_unet
 from flower_mocks import reply_from
-from inprocess import RUN_ID, run_inprocess, tiny_config
 from strategies import CollaFuse, build_strategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")

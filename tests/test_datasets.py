@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from markers import needs_fmnist
 from PIL import Image
 
 from fedapp import datasets
@@ -203,10 +204,7 @@ def test_fmnist_image_size_resizes(tmp_path: Path) -> None:
     assert data.images.dtype == torch.uint8 and data.images.is_contiguous()
 
 
-@pytest.mark.skipif(
-    not (REAL_FMNIST / "train-images-idx3-ubyte.gz").exists(),
-    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
+@needs_fmnist
 def test_real_debian_fashion_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", REAL_FMNIST)
     data = load_split(DataConfig(download=False), "test")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from markers import needs_fmnist
 
 from fedapp.checkpoint import load_checkpoint
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.methods import private_parts
 from fedapp.node_state import load_node_model
 from fedapp.rundir import read_jsonl
@@ -27,8 +27,7 @@ from local_deployment import CONNECTION, LocalDeployment  # noqa: E402
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
-                       reason="needs the real Fashion-MNIST: apt-get install dataset-fashion-mnist"),
+    needs_fmnist,
 ]
 
 

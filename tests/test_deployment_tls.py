@@ -22,9 +22,9 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from markers import needs_fmnist
 
 from fedapp.checkpoint import load_checkpoint
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.rundir import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +34,6 @@ from local_deployment import HOST, LocalDeployment  # noqa: E402
 
 needs_tools = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
                                  reason="make_certs.sh needs openssl and ssh-keygen")
-needs_data = pytest.mark.skipif(not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
-                                reason="needs the real Fashion-MNIST: apt-get install dataset-fashion-mnist")
 
 TINY: dict[str, object] = {
     "model.dim": 8, "model.dim-mults": "1,2", "data.max-train-examples": 300, "train.rounds": 2,
@@ -83,7 +81,7 @@ def test_make_certs_writes_keys_flower_accepts_and_never_overwrites(tmp_path: Pa
 
 
 @pytest.mark.e2e
-@needs_data
+@needs_fmnist
 @needs_tools
 def test_superlink_serves_tls_with_a_certificate_for_loopback(deployment: LocalDeployment) -> None:
     context = ssl.create_default_context(cafile=str(deployment.tls_dir / "ca.crt"))  # type: ignore[operator]
@@ -94,7 +92,7 @@ def test_superlink_serves_tls_with_a_certificate_for_loopback(deployment: LocalD
 
 
 @pytest.mark.e2e
-@needs_data
+@needs_fmnist
 @needs_tools
 def test_an_unregistered_supernode_is_refused(deployment: LocalDeployment) -> None:
     """Flower 1.41: ActivateNode finds no node for the key, answers 412 (code 2004), the node exits 1."""
@@ -114,7 +112,7 @@ def test_an_unregistered_supernode_is_refused(deployment: LocalDeployment) -> No
 
 
 @pytest.mark.e2e
-@needs_data
+@needs_fmnist
 @needs_tools
 def test_two_registered_supernodes_train_two_rounds_over_tls(deployment: LocalDeployment) -> None:
     runs = deployment.workdir / "runs"

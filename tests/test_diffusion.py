@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from markers import needs_fmnist
 from torch.nn import functional as F
 
 from fedapp.config import DataConfig, DiffusionConfig
@@ -208,11 +209,7 @@ def test_sample_restores_training_mode() -> None:
 # ----------------------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(
-    not (REAL_FMNIST / "train-images-idx3-ubyte.gz").exists(),
-    reason="real Fashion-MNIST not installed at /usr/share/datasets/fashion-mnist "
-    "(apt-get install dataset-fashion-mnist)",
-)
+@needs_fmnist
 def test_loss_goes_down_on_fashion_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from fedapp import datasets
     from fedapp.datasets import load_split

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from markers import needs_fmnist
 
 from fedapp.checkpoint import load_checkpoint
 from fedapp.config import parse_config
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.methods import private_parts, round_cost
 from fedapp.rundir import read_jsonl
 from fedapp.unet import part_sizes
@@ -21,10 +21,7 @@ from flwr_harness import flwr_home, flwr_run
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(
-        not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
-        reason="needs the real Fashion-MNIST: apt-get install dataset-fashion-mnist",
-    ),
+    needs_fmnist,
 ]
 
 TINY = {

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from markers import needs_fmnist
 
 from fedapp.checkpoint import load_checkpoint
 from fedapp.config import parse_config
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.rundir import read_jsonl
 from flower_mocks import FakeGrid
 from flwr_harness import flwr_home, flwr_run
@@ -55,8 +55,7 @@ def test_waiting_for_nodes_returns_once_they_come() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
-                    reason="needs the real Fashion-MNIST: apt-get install dataset-fashion-mnist")
+@needs_fmnist
 def test_simulation_survives_a_crash_and_a_hang_and_never_waits_forever(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     config = {

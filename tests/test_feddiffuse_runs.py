@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from inprocess import RUN_ID, run_inprocess
+from inprocess import run_inprocess
+from markers import needs_fmnist
 
 from fedapp.builders import build_model
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.methods import ALL_PARTS, SHARED_PARTS, private_parts, round_cost
 from fedapp.node_state import load_node_model
 from fedapp.records import model_to_record
@@ -23,10 +23,7 @@ from fedapp.unet import part_of, part_sizes
 
 pytestmark = [
     pytest.mark.usefixtures("task_identity"),
-    pytest.mark.skipif(
-        not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
-        reason="needs the real Fashion-MNIST: apt-get install dataset-fashion-mnist",
-    ),
+    needs_fmnist,
 ]
 
 

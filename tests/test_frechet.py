@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from markers import needs_fmnist
 from pytorch_fid import inception as pf_inception
 from torch import nn
 
 from fedapp import frechet, inception
 from fedapp.config import DataConfig, EvalConfig, parse_config
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR, load_split
+from fedapp.datasets import load_split
 from fedapp.frechet import (
     FD_CNN,
     FID,
@@ -24,10 +25,12 @@ from fedapp.frechet import (
     frechet_distance,
     reference_stats,
 )
-from fedapp.inception import FIDWeightsUnavailable, InceptionFeatures, fid_inception_architecture, find_fid_weights
-
-HAVE_FMNIST = (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
+from fedapp.inception import (
+    FIDWeightsUnavailable,
+    InceptionFeatures,
+    fid_inception_architecture,
+    find_fid_weights,
+)
 
 
 class MeanPool(nn.Module):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
+from markers import needs_fmnist
 
 from fedapp.builders import build_diffusion, build_model
 from fedapp.comm import CommLedger
 from fedapp.config import FedConfig, parse_config
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.records import model_to_record
 from fedapp.rundir import RunDir, read_jsonl
 from flower_mocks import FakeGrid
@@ -19,8 +19,6 @@ from server_app.recorder import RoundRecorder
 from strategies import build_strategy
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-needs_fmnist = pytest.mark.skipif(not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
-                                  reason="apt-get install dataset-fashion-mnist")
 
 
 def tiny_config(tmp_path: Path, **extra: object) -> FedConfig:

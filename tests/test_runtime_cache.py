@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 from inprocess import run_inprocess
+from markers import needs_fmnist
 
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR, load_split
+from fedapp.datasets import load_split
 from fedapp.local_data import local_data, pool_partitioner
 from fedapp.records import decode_record
 
 pytestmark = [
     pytest.mark.usefixtures("task_identity"),
-    pytest.mark.skipif(not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
-                       reason="needs the real Fashion-MNIST: apt-get install dataset-fashion-mnist"),
+    needs_fmnist,
 ]
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from inprocess import run_inprocess
+from markers import needs_fmnist
 
 from fedapp.comm import CommLedger
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
 from fedapp.records import (
     TRANSPORT_DTYPES,
     decode_record,
@@ -100,8 +100,7 @@ def test_float32_transport_leaves_messages_alone() -> None:
     assert np.array_equal(result.arrays["w"].numpy(), np.ones(4, dtype=np.float32))
 
 
-@pytest.mark.skipif(not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
-                    reason="needs the real Fashion-MNIST: apt-get install dataset-fashion-mnist")
+@needs_fmnist
 @pytest.mark.parametrize(("method", "dtype"), [("udec", "bfloat16"), ("full", "float16")])
 def test_a_whole_run_travels_narrow_and_keeps_a_float32_global_model(tmp_path: Path, method: str,
                                                                     dtype: str) -> None:
