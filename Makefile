@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+# `flwr run` starts the local SuperLink as `flower-superlink`, found on PATH: put the venv first.
+export PATH := $(abspath $(BIN)):$(PATH)
 CLIENTS ?= 5
 # Flower's own home for this project, so a user's ~/.flwr is left alone.
 export FLWR_HOME ?= $(CURDIR)/.flwr
