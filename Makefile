@@ -43,11 +43,11 @@ test-fast: install
 # Figures and the GPU commands are in docs/BENCHMARKS.md. About 40 minutes on 2 cores.
 bench: install
 	$(BIN)/python -m bench.train_throughput --dim 16 --batch 64 --steps 60 --repeats 3
-	$(BIN)/python bench/federation_overhead.py --rounds 3
-	$(BIN)/python bench/transport_quality.py --methods full,udec --dtypes float32,float16,bfloat16 \
+	$(BIN)/python -m bench.federation_overhead --rounds 3
+	$(BIN)/python -m bench.transport_quality --methods full,udec --dtypes float32,float16,bfloat16 \
 	  --clients 10 --rounds 15 --max-steps 1 --batch 16 --examples 2000 --metric-samples 0 --device cpu
-	$(BIN)/python bench/deployment_cost.py --nodes 2 --workdir $(CURDIR)/.bench/deployment
-	$(BIN)/python bench/federation_overhead.py --scaling
+	$(BIN)/python -m bench.deployment_cost --nodes 2 --workdir $(CURDIR)/.bench/deployment
+	$(BIN)/python -m bench.federation_overhead --scaling
 
 clean:
 	rm -rf $(VENV) .flwr

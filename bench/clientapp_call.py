@@ -6,19 +6,15 @@ its data share, building the model, loading the arrays, training and the reply r
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from client_app.app import train as client_train  # noqa: E402
-from fedapp.builders import build_model  # noqa: E402
-from fedapp.config import FedConfig, parse_config  # noqa: E402
-from fedapp.records import model_to_record  # noqa: E402
+from client_app.app import train as client_train
+from fedapp.config import FedConfig, parse_config
+from fedapp.model.build import build_model
+from fedapp.protocol.records import model_to_record
 
 RUN_ID = 77
 

@@ -10,10 +10,10 @@ stamps the ServerApp's log lines with the time, which dates each phase:
 - the overhead: the train phase minus the `train-seconds` (pure compute) the ClientApps report;
 - the import time of `client_app.app` in a fresh interpreter, one component of that overhead.
 
-    python bench/deployment_cost.py --nodes 2 --out cost.json
-    python bench/deployment_cost.py --extra-config 'data.cache=false'   # the same, without the cache
+    python -m bench.deployment_cost --nodes 2 --out cost.json
+    python -m bench.deployment_cost --extra-config 'data.cache=false'   # the same, without the cache
     scripts/make_certs.sh /tmp/certs 2
-    python bench/deployment_cost.py --tls-dir /tmp/certs --auth         # with TLS and registered nodes
+    python -m bench.deployment_cost --tls-dir /tmp/certs --auth         # with TLS and registered nodes
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from local_deployment import REPO, LocalDeployment, parse_overrides  # noqa: E402
+from fedapp.config import parse_overrides
+from fedapp.deploy.local import REPO, LocalDeployment
 
 SMALL = ("model.dim=8 model.dim-mults=1,2 data.max-train-examples=400 train.rounds=3 "
          "train.max-steps-per-round=2 train.batch-size=16 eval.every=0 eval.metric-samples=0 "

@@ -7,9 +7,9 @@ feature extraction for N images. Inception's real weights can't be downloaded on
 project's machines; without ``--fid-weights`` the FID network has random weights and
 gives a time only, never a score.
 
-    python bench/eval_cost.py --device cuda --train-steps 4000 --n 1000 --save /tmp/m.pt
-    python bench/eval_cost.py --checkpoint /tmp/m.pt --n 256 --samplers ddim-50,ddim-50-eta1,ddpm-100
-    python bench/eval_cost.py --checkpoint /tmp/m.pt --n 1000 --features-only     # the metrics' cost
+    python -m bench.eval_cost --device cuda --train-steps 4000 --n 1000 --save /tmp/m.pt
+    python -m bench.eval_cost --checkpoint /tmp/m.pt --n 256 --samplers ddim-50,ddim-50-eta1,ddpm-100
+    python -m bench.eval_cost --checkpoint /tmp/m.pt --n 1000 --features-only     # the metrics' cost
 """
 
 from __future__ import annotations
@@ -22,14 +22,20 @@ from pathlib import Path
 
 import torch
 
-from fedapp.builders import build_diffusion, build_model
-from fedapp.checkpoint import load_checkpoint, save_checkpoint
 from fedapp.config import DataConfig, parse_config
-from fedapp.datasets import image_shape, load_split
-from fedapp.frechet import ClassifierFeatures, feature_stats, frechet_distance, reference_stats, stats_dir
-from fedapp.inception import InceptionFeatures, fid_inception_architecture
-from fedapp.sampling import generate
-from fedapp.training import train_local
+from fedapp.data.sources import image_shape, load_split
+from fedapp.eval.frechet import (
+    ClassifierFeatures,
+    feature_stats,
+    frechet_distance,
+    reference_stats,
+    stats_dir,
+)
+from fedapp.eval.inception import InceptionFeatures, fid_inception_architecture
+from fedapp.model.build import build_diffusion, build_model
+from fedapp.model.sampling import generate
+from fedapp.runs.checkpoint import load_checkpoint, save_checkpoint
+from fedapp.train.loop import train_local
 
 
 def _timed(on: torch.device, fn, *args, **kwargs):  # type: ignore[no-untyped-def]

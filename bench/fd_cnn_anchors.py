@@ -5,7 +5,7 @@ little. This prints anchors measured against the same cached test-split statisti
 real training images (the floor for N samples), an untrained UNet's samples and pure noise
 (the ceiling), each with the sample count the runs use.
 
-    python bench/fd_cnn_anchors.py --n 256 --sampler-steps 25
+    python -m bench.fd_cnn_anchors --n 256 --sampler-steps 25
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import platform
 
 import torch
 
-from fedapp.builders import build_diffusion, build_model
 from fedapp.config import parse_config
-from fedapp.datasets import load_split
-from fedapp.frechet import FD_CNN
-from fedapp.quality import QualityMeter
+from fedapp.data.sources import load_split
+from fedapp.eval.frechet import FD_CNN
+from fedapp.eval.quality import QualityMeter
+from fedapp.model.build import build_diffusion, build_model
 
 
 def main() -> None:

@@ -9,8 +9,8 @@ time minus the training the ClientApps report.
 Scaling (``--scaling``): wall time and measured bytes for K = 2, 5, 10, 20 clients (fixed
 steps per client) and for UNet widths dim = 8, 16, 28 with K = 5.
 
-    python bench/federation_overhead.py --rounds 3 --out overhead.json
-    python bench/federation_overhead.py --scaling --out scaling.json
+    python -m bench.federation_overhead --rounds 3 --out overhead.json
+    python -m bench.federation_overhead --scaling --out scaling.json
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,16 +25,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flwr_harness import flwr_home, flwr_run  # noqa: E402
-
-from bench.train_throughput import plain_loop  # noqa: E402
-from fedapp.config import DataConfig  # noqa: E402
-from fedapp.datasets import load_split  # noqa: E402
-from fedapp.rundir import read_jsonl  # noqa: E402
-from fedapp.unet import UNet  # noqa: E402
+from bench.train_throughput import plain_loop
+from fedapp.config import DataConfig
+from fedapp.data.sources import load_split
+from fedapp.deploy.simulation import flwr_home, flwr_run
+from fedapp.model.unet import UNet
+from fedapp.runs.rundir import read_jsonl
 
 BASE: dict[str, Any] = {"eval.every": 0, "eval.metric-samples": 0, "eval.fid": "off", "output.progress": False,
                         "strategy.fraction-evaluate": 0.0, "train.lr": 1e-4, "data.val-fraction": 0.1}

@@ -5,7 +5,7 @@ with the real ClientApp handler at the same time, started together by a barrier.
 reference is one plain PyTorch loop alone on the GPU. Each process's peak memory is read
 from NVML (CUDA context included) while all P hold their memory.
 
-    python bench/gpu_share.py --procs 1,4 --dim 28 --batch 128 --steps 200 --rounds 3
+    python -m bench.gpu_share --procs 1,4 --dim 28 --batch 128 --steps 200 --rounds 3
 """
 
 from __future__ import annotations
@@ -41,14 +41,11 @@ def _worker(kind: str, args: argparse.Namespace, start: mp.Barrier, hold: mp.Bar
 
 
 def _work(kind: str, args: argparse.Namespace, start: mp.Barrier, hold: mp.Barrier, out: mp.Queue) -> None:  # type: ignore[type-arg]
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.clientapp_call import ClientAppCaller, bench_config
     from bench.train_throughput import plain_loop
     from fedapp.config import DataConfig
-    from fedapp.datasets import load_split
-    from fedapp.unet import UNet
+    from fedapp.data.sources import load_split
+    from fedapp.model.unet import UNet
 
     device = torch.device("cuda")
     if kind == "plain":

@@ -8,8 +8,8 @@ batch on the same real images, interleaved in one process so machine noise hits 
 * clientapp: the real ClientApp ``train`` handler, called as a SuperNode would call it
   (config, data share, model build, arrays in, training, arrays out).
 
-    python bench/train_throughput.py --dim 16 --batch 64 --steps 60 --repeats 3
-    python bench/train_throughput.py --device cuda --dim 28 --batch 128 --steps 300
+    python -m bench.train_throughput --dim 16 --batch 64 --steps 60 --repeats 3
+    python -m bench.train_throughput --device cuda --dim 28 --batch 128 --steps 300
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from torch.nn import functional as F
 
 from bench.clientapp_call import ClientAppCaller, bench_config
 from fedapp.config import DataConfig
-from fedapp.datasets import load_split
-from fedapp.diffusion import Diffusion
-from fedapp.training import train_local
-from fedapp.unet import UNet
+from fedapp.data.sources import load_split
+from fedapp.model.diffusion import Diffusion
+from fedapp.model.unet import UNet
+from fedapp.train.loop import train_local
 
 
 def _sync(device: torch.device) -> None:

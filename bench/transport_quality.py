@@ -5,9 +5,9 @@ handlers and the server's transport layer, with every message serialized by Flow
 own code to count its bytes. Quality is FD-CNN on N samples of the final model (Full,
 USplit) or of each client's own model (ULatDec, UDec: mean ± std over clients).
 
-    python bench/transport_quality.py --methods full,udec --dtypes float32,float16,bfloat16 \
+    python -m bench.transport_quality --methods full,udec --dtypes float32,float16,bfloat16 \
         --clients 5 --rounds 4 --device cuda --metric-samples 1000
-    python bench/transport_quality.py --methods full,usplit,ulatdec,udec --dtypes float32,float16 \
+    python -m bench.transport_quality --methods full,usplit,ulatdec,udec --dtypes float32,float16 \
         --clients 5 --rounds 2 --max-steps 2 --metric-samples 0      # bytes only, a minute on a CPU
 """
 
@@ -15,27 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from flwr.supercore.task_identity import TaskIdentity
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
-from inprocess import RUN_ID, InProcessRun  # noqa: E402
-
-from fedapp.builders import build_diffusion, build_model  # noqa: E402
-from fedapp.config import parse_config  # noqa: E402
-from fedapp.methods import cumulative_cost, is_personalized  # noqa: E402
-from fedapp.node_state import collect_node_models, state_root  # noqa: E402
-from fedapp.quality import QualityMeter  # noqa: E402
-from fedapp.checkpoint import load_checkpoint  # noqa: E402
-from fedapp.records import load_record, model_to_record  # noqa: E402
-from fedapp.training import pick_device  # noqa: E402
-from fedapp.unet import part_sizes  # noqa: E402
+from fedapp.config import parse_config
+from fedapp.eval.quality import QualityMeter
+from fedapp.model.build import build_diffusion, build_model
+from fedapp.model.unet import part_sizes
+from fedapp.protocol.methods import cumulative_cost, is_personalized
+from fedapp.protocol.records import load_record, model_to_record
+from fedapp.runs.checkpoint import load_checkpoint
+from fedapp.runs.node_state import collect_node_models, state_root
+from fedapp.train.loop import pick_device
+from tests.support.inprocess import RUN_ID, InProcessRun
 
 
 def one_run(method: str, dtype: str, args: argparse.Namespace, workdir: Path) -> dict[str, object]:

@@ -16,14 +16,15 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedapp.builders import build_diffusion, build_model
-from fedapp.collafuse import client_half, client_round
 from fedapp.config import FedConfig, parse_config
-from fedapp.datasets import to_uint8
-from fedapp.disclosure import audit_upload, similarity
-from fedapp.local_data import LocalData, local_data
-from fedapp.methods import ALL_PARTS, is_personalized, parts_keys, private_parts
-from fedapp.node_state import (
+from fedapp.data.share import LocalData, local_data
+from fedapp.data.sources import to_uint8
+from fedapp.eval.disclosure import audit_upload, similarity
+from fedapp.model.build import build_diffusion, build_model
+from fedapp.model.unet import UNet, unet_parts
+from fedapp.protocol.methods import ALL_PARTS, is_personalized, parts_keys, private_parts
+from fedapp.protocol.records import decode_array, decode_record, encode_tensor, load_record, model_to_record
+from fedapp.runs.node_state import (
     load_node_file,
     load_node_model,
     node_dir,
@@ -31,12 +32,11 @@ from fedapp.node_state import (
     save_node_model,
     state_root,
 )
-from fedapp.records import decode_array, decode_record, encode_tensor, load_record, model_to_record
-from fedapp.training import denoising_loss, pick_device, train_local
-from fedapp.unet import UNet, unet_parts
+from fedapp.train.collafuse import client_half, client_round
+from fedapp.train.loop import denoising_loss, pick_device, train_local
 
 if TYPE_CHECKING:
-    from fedapp.quality import QualityMeter
+    from fedapp.eval.quality import QualityMeter
 
 app = ClientApp()
 
@@ -188,7 +188,7 @@ def quality_meter(cfg: FedConfig, device: torch.device) -> QualityMeter:
     Imported here: a deployed node starts a process per message, and only a personalized
     client's evaluation on an eval round needs pytorch-fid and scipy.
     """
-    from fedapp.quality import QualityMeter
+    from fedapp.eval.quality import QualityMeter
     return QualityMeter(cfg, device)
 
 

@@ -7,16 +7,16 @@ import copy
 import sys
 from pathlib import Path
 
-from fedapp.builders import build_diffusion
+from fedapp.model.build import build_diffusion
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from fedapp.checkpoint import load_checkpoint
-    from fedapp.collafuse import split_sample
-    from fedapp.datasets import image_shape
-    from fedapp.images import save_grid
-    from fedapp.sampling import generate
-    from fedapp.training import pick_device
+    from fedapp.data.sources import image_shape
+    from fedapp.eval.grid import save_grid
+    from fedapp.model.sampling import generate
+    from fedapp.runs.checkpoint import load_checkpoint
+    from fedapp.train.collafuse import split_sample
+    from fedapp.train.loop import pick_device
 
     device = pick_device(args.device)
     model, cfg, payload = load_checkpoint(args.checkpoint, device=device)
@@ -56,9 +56,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _comm(args: argparse.Namespace) -> int:
-    from fedapp.methods import METHODS, cumulative_cost, round_cost
-    from fedapp.plots import plot_cumulative_comm
-    from fedapp.unet import UNet, part_sizes
+    from fedapp.model.unet import UNet, part_sizes
+    from fedapp.protocol.methods import METHODS, cumulative_cost, round_cost
+    from fedapp.report.plots import plot_cumulative_comm
 
     if args.check:
         return _check_comm(args.check)
@@ -86,11 +86,11 @@ def _check_comm(runs: list[Path]) -> int:
     """Measured training traffic of finished runs against the analytic count for their own setup."""
     import tomllib
 
-    from fedapp.builders import build_model
     from fedapp.config import parse_config
-    from fedapp.methods import cumulative_cost
-    from fedapp.rundir import read_jsonl
-    from fedapp.unet import part_sizes
+    from fedapp.model.build import build_model
+    from fedapp.model.unet import part_sizes
+    from fedapp.protocol.methods import cumulative_cost
+    from fedapp.runs.rundir import read_jsonl
 
     print(f"{'run':<28}{'method':<9}{'K':>4}{'R':>4}{'measured':>16}{'analytic':>16}  match")
     mismatched = 0
@@ -130,10 +130,10 @@ def _app_config(app: Path, overrides: list[str]) -> dict[str, object]:
 
 def _check(args: argparse.Namespace) -> int:
     """Preflight: the config, the data and the split, before any SuperLink or SuperNode starts."""
-    from fedapp.builders import build_model
     from fedapp.config import ConfigError, parse_config
-    from fedapp.local_data import pool_partitioner
-    from fedapp.partition import partition_indices
+    from fedapp.data.partition import partition_indices
+    from fedapp.data.share import pool_partitioner
+    from fedapp.model.build import build_model
 
     cfg = parse_config(_app_config(args.app, args.overrides))
     num = args.partitions or cfg.data.num_partitions
@@ -160,8 +160,8 @@ def _resume(args: argparse.Namespace) -> int:
     import tomli_w
 
     from fedapp.config import parse_config
-    from fedapp.resume import load_resume_point
-    from fedapp.rundir import read_jsonl
+    from fedapp.runs.resume import load_resume_point
+    from fedapp.runs.rundir import read_jsonl
 
     run = args.run.expanduser().resolve()
     config = run / "config.toml"
@@ -194,14 +194,14 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fedapp.report import write_report
+    from fedapp.report.markdown import write_report
 
     print(write_report(args.runs, args.out))
     return 0
 
 
 def _tradeoff(args: argparse.Namespace) -> int:
-    from fedapp.tradeoff import write_tradeoff
+    from fedapp.report.tradeoff import write_tradeoff
     print(write_tradeoff(args.runs, args.out))
     return 0
 
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedapp.datasets import DatasetNotFoundError
+    from fedapp.data.sources import DatasetNotFoundError
 
     args = build_parser().parse_args(argv)
     try:

@@ -7,6 +7,7 @@ with one line that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -281,6 +282,25 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             config[key] = raw
     return config
+
+
+def toml_value(value: object) -> str:
+    """One value as ``flwr run --run-config`` reads it: its parser allows no quote inside a string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    if '"' not in text:
+        return json.dumps(text, ensure_ascii=False)
+    if "'" not in text:
+        return f"'{text}'"
+    raise ValueError(f"a run-config string cannot hold both quote kinds: {text!r}")
+
+
+def run_config_arg(config: Mapping[str, object]) -> str:
+    """``k=v`` pairs for ``flwr run --run-config``."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
 def _allowed(loc: tuple[Any, ...]) -> str:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from fedapp.builders import build_diffusion
-from fedapp.checkpoint import load_checkpoint
-from fedapp.datasets import to_model_range
-from fedapp.disclosure import audit_upload, gradient_variant_audit
-from fedapp.local_data import local_data
-from fedapp.records import TRANSPORT_DTYPES, decode_array, encode_tensor
+from fedapp.data.share import local_data
+from fedapp.data.sources import to_model_range
+from fedapp.eval.disclosure import audit_upload, gradient_variant_audit
+from fedapp.model.build import build_diffusion
+from fedapp.protocol.records import TRANSPORT_DTYPES, decode_array, encode_tensor
+from fedapp.runs.checkpoint import load_checkpoint
 
 
 def main() -> None:

@@ -9,15 +9,15 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedapp.builders import build_diffusion, build_model
-from fedapp.centralized import run_centralized
-from fedapp.checkpoint import save_checkpoint
-from fedapp.comm import CommLedger, format_summary
 from fedapp.config import ConfigError, FedConfig, parse_config
-from fedapp.methods import clients_own_models
-from fedapp.records import model_to_record
-from fedapp.resume import ResumePoint, load_resume_point, rng_state, set_rng_state
-from fedapp.rundir import RunDir
+from fedapp.model.build import build_diffusion, build_model
+from fedapp.protocol.comm import CommLedger, format_summary
+from fedapp.protocol.methods import clients_own_models
+from fedapp.protocol.records import model_to_record
+from fedapp.runs.checkpoint import save_checkpoint
+from fedapp.runs.resume import ResumePoint, load_resume_point, rng_state, set_rng_state
+from fedapp.runs.rundir import RunDir
+from server_app.centralized import run_centralized
 from server_app.recorder import RoundRecorder
 from server_app.rounds import NodesMissingError, run_rounds
 from server_app.transport import server_grid

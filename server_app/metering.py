@@ -7,7 +7,7 @@ from collections import defaultdict
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedapp.comm import CommLedger
+from fedapp.protocol.comm import CommLedger
 from server_app.grid_wrapper import GridWrapper
 
 

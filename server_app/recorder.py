@@ -14,23 +14,23 @@ from flwr.app import ArrayRecord, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedapp.checkpoint import save_checkpoint
-from fedapp.client_metrics import IDENTIFIERS, mean_std_over_clients
-from fedapp.comm import CommLedger
 from fedapp.config import FedConfig
-from fedapp.datasets import DatasetNotFoundError
-from fedapp.diffusion import Diffusion
-from fedapp.frechet import METRIC_NAMES
-from fedapp.images import save_grid
-from fedapp.local_data import pool_partitioner
-from fedapp.methods import clients_own_models, is_personalized
-from fedapp.node_state import collect_node_models, state_root
-from fedapp.partition import plot_label_distribution
-from fedapp.quality import QualityMeter, sampler_label
-from fedapp.records import load_record
-from fedapp.rundir import RunDir
-from fedapp.training import pick_device
-from fedapp.unet import UNet
+from fedapp.data.partition import plot_label_distribution
+from fedapp.data.share import pool_partitioner
+from fedapp.data.sources import DatasetNotFoundError
+from fedapp.eval.frechet import METRIC_NAMES
+from fedapp.eval.grid import save_grid
+from fedapp.eval.quality import QualityMeter, sampler_label
+from fedapp.model.diffusion import Diffusion
+from fedapp.model.unet import UNet
+from fedapp.protocol.comm import CommLedger
+from fedapp.protocol.methods import clients_own_models, is_personalized
+from fedapp.protocol.metrics import IDENTIFIERS, mean_std_over_clients
+from fedapp.protocol.records import load_record
+from fedapp.runs.checkpoint import save_checkpoint
+from fedapp.runs.node_state import collect_node_models, state_root
+from fedapp.runs.rundir import RunDir
+from fedapp.train.loop import pick_device
 from server_app.metering import MeteredGrid
 
 

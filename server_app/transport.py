@@ -5,9 +5,9 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from fedapp.comm import CommLedger
 from fedapp.config import TransportDtype
-from fedapp.records import recast_record, record_dtypes
+from fedapp.protocol.comm import CommLedger
+from fedapp.protocol.records import recast_record, record_dtypes
 from server_app.grid_wrapper import GridWrapper
 from server_app.metering import MeteredGrid
 

@@ -21,9 +21,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedapp.builders import build_diffusion, build_model
-from fedapp.client_metrics import mean_std_over_clients
-from fedapp.collafuse import (
+from fedapp.config import FedConfig
+from fedapp.data.sources import image_shape, to_model_range
+from fedapp.eval.disclosure import denoiser_reconstruction
+from fedapp.model.build import build_diffusion, build_model
+from fedapp.protocol.metrics import mean_std_over_clients
+from fedapp.protocol.records import decode_array, encode_tensor, load_record, model_to_record
+from fedapp.train.collafuse import (
     UPLOAD_KEYS,
     chain_split,
     sample_seeds,
@@ -31,11 +35,7 @@ from fedapp.collafuse import (
     server_steps,
     upload_from_record,
 )
-from fedapp.config import FedConfig
-from fedapp.datasets import image_shape, to_model_range
-from fedapp.disclosure import denoiser_reconstruction
-from fedapp.records import decode_array, encode_tensor, load_record, model_to_record
-from fedapp.training import pick_device
+from fedapp.train.loop import pick_device
 from strategies.validation import by_node, weight_problem
 
 TRAIN_ACTION = "train.collafuse"

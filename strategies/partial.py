@@ -18,9 +18,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedapp.client_metrics import mean_std_over_clients
-from fedapp.methods import ALL_PARTS, SHARED_PARTS, is_personalized, parts_keys, usplit_assignment
-from fedapp.unet import unet_parts
+from fedapp.model.unet import unet_parts
+from fedapp.protocol.methods import ALL_PARTS, SHARED_PARTS, is_personalized, parts_keys, usplit_assignment
+from fedapp.protocol.metrics import mean_std_over_clients
 from strategies.robust import Aggregation, robust_record
 from strategies.validation import by_node, reply_problem
 

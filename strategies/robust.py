@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from flwr.app import ArrayRecord
 
-from fedapp.records import decode_array, encode_tensor
+from fedapp.protocol.records import decode_array, encode_tensor
 
 Aggregation = Literal["mean", "median", "trimmed-mean"]
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from flwr.app import Message, RecordDict
 
-from fedapp.records import decode_array
+from fedapp.protocol.records import decode_array
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 

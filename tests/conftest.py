@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from flower_mocks import RUN_ID
+from tests.support.mocks import RUN_ID
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ import math
 from pathlib import Path
 
 import torch
-from markers import needs_fmnist
 
-from fedapp.centralized import pooled_data, run_centralized
-from fedapp.checkpoint import load_checkpoint
 from fedapp.config import parse_config
-from fedapp.local_data import local_data
-from fedapp.rundir import RunDir, read_jsonl
+from fedapp.data.share import local_data
+from fedapp.runs.checkpoint import load_checkpoint
+from fedapp.runs.rundir import RunDir, read_jsonl
+from server_app.centralized import pooled_data, run_centralized
+from tests.support.markers import needs_fmnist
 
 pytestmark = needs_fmnist
 

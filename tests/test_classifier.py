@@ -1,4 +1,4 @@
-"""Tests for fedapp.classifier: the committed weights are what their meta says, the
+"""Tests for fedapp.eval.classifier: the committed weights are what their meta says, the
 training is reproducible and works (shown by a short run, not a full retrain), and
 broken weights files fail with one clear line."""
 
@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from markers import needs_fmnist
 
-from fedapp import classifier, datasets
-from fedapp.classifier import (
+from fedapp.config import DataConfig
+from fedapp.data import sources as datasets
+from fedapp.data.sources import DEBIAN_FASHION_MNIST_DIR, ImageData
+from fedapp.eval import classifier
+from fedapp.eval.classifier import (
     CLASSIFIER_PATH,
     FEATURE_DIM,
     META_KEYS,
@@ -23,8 +25,7 @@ from fedapp.classifier import (
     test_accuracy,
     train_classifier,
 )
-from fedapp.config import DataConfig
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR, ImageData
+from tests.support.markers import needs_fmnist
 
 
 @pytest.fixture(autouse=True)

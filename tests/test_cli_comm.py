@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from fedapp.builders import build_model
 from fedapp.cli import main
 from fedapp.config import parse_config
-from fedapp.methods import round_cost
-from fedapp.rundir import RunDir
-from fedapp.unet import part_sizes
+from fedapp.model.build import build_model
+from fedapp.model.unet import part_sizes
+from fedapp.protocol.methods import round_cost
+from fedapp.runs.rundir import RunDir
 
 
 def fake_run(tmp_path: Path, name: str, method: str, extra_up: int = 0) -> Path:

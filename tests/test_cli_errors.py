@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from markers import needs_fmnist
 
 from fedapp.cli import main
+from tests.support.markers import needs_fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 

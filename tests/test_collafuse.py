@@ -7,20 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from inprocess import run_inprocess, tiny_config
 from torch import nn
 
-from fedapp.builders import build_diffusion, build_model
-from fedapp.collafuse import Upload, chain_split, client_round, sample_seeds, server_steps, split_sample
 from fedapp.config import ConfigError, parse_config
-from fedapp.datasets import to_model_range, to_uint8
-from fedapp.diffusion import Diffusion
-from fedapp.disclosure import audit_upload, denoiser_reconstruction, similarity
-from fedapp.node_state import load_node_model
-from fedapp.records import decode_array, decode_record, load_record
-from fedapp.unet import build_unet
-from flower_mocks import reply_from
+from fedapp.data.sources import to_model_range, to_uint8
+from fedapp.eval.disclosure import audit_upload, denoiser_reconstruction, similarity
+from fedapp.model.build import build_diffusion, build_model
+from fedapp.model.diffusion import Diffusion
+from fedapp.model.unet import build_unet
+from fedapp.protocol.records import decode_array, decode_record, load_record
+from fedapp.runs.node_state import load_node_model
+from fedapp.train.collafuse import Upload, chain_split, client_round, sample_seeds, server_steps, split_sample
 from strategies import CollaFuse, build_strategy
+from tests.support.inprocess import run_inprocess, tiny_config
+from tests.support.mocks import reply_from
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -125,7 +125,7 @@ def test_client_models_and_images_never_travel(tmp_path: Path) -> None:
 
 
 def _partition_images(run) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    from fedapp.local_data import local_data
+    from fedapp.data.share import local_data
     cfg = run.cfg
     return torch.cat([local_data(cfg.data, cfg.seed, i, len(run.node_ids)).train.images
                       for i in range(len(run.node_ids))])
@@ -296,7 +296,7 @@ def test_a_reply_without_a_positive_integer_weight_is_dropped(tmp_path: Path) ->
 @pytest.mark.parametrize("loss", ["mse", "huber"])
 def test_withholding_the_target_leaks_it_through_the_loss_gradient(loss: str) -> None:
     """The variant where the client keeps ε and returns dL/dε̂: the server still solves for ε."""
-    from fedapp.disclosure import target_from_loss_gradient
+    from fedapp.eval.disclosure import target_from_loss_gradient
     diffusion = Diffusion(1000, loss=loss)  # type: ignore[arg-type]
     x0 = to_model_range(_images(8))
     x_t, t, eps = diffusion.noised(x0, (200, 1000), torch.Generator().manual_seed(3))
@@ -312,7 +312,7 @@ def test_withholding_the_target_leaks_it_through_the_loss_gradient(loss: str) ->
 
 
 def test_the_gradient_variant_audit_rebuilds_x0_with_mse() -> None:
-    from fedapp.disclosure import gradient_variant_audit
+    from fedapp.eval.disclosure import gradient_variant_audit
     x0 = to_model_range(_images(16))
     result = gradient_variant_audit(_tiny_unet(), Diffusion(1000, loss="mse"), x0, (200, 1000), batch_size=8)
     assert result["gradient-exact-fraction"] > 0.99

@@ -1,4 +1,4 @@
-"""Tests for fedapp.datasets: tiny fake files in the real formats, plus the real
+"""Tests for fedapp.data.sources: tiny fake files in the real formats, plus the real
 Debian Fashion-MNIST copy when the machine has it."""
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from markers import needs_fmnist
 from PIL import Image
 
-from fedapp import datasets
 from fedapp.config import DataConfig
-from fedapp.datasets import (
+from fedapp.data import sources as datasets
+from fedapp.data.sources import (
     DatasetNotFoundError,
     ImageData,
     fashion_mnist_candidates,
@@ -25,6 +24,7 @@ from fedapp.datasets import (
     to_model_range,
     to_uint8,
 )
+from tests.support.markers import needs_fmnist
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

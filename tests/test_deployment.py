@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from markers import needs_fmnist
 
-from fedapp.checkpoint import load_checkpoint
-from fedapp.methods import private_parts
-from fedapp.node_state import load_node_model
-from fedapp.rundir import read_jsonl
+from fedapp.protocol.methods import private_parts
+from fedapp.runs.checkpoint import load_checkpoint
+from fedapp.runs.node_state import load_node_model
+from fedapp.runs.rundir import read_jsonl
+from tests.support.markers import needs_fmnist
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from local_deployment import CONNECTION, LocalDeployment  # noqa: E402
+from fedapp.deploy.local import CONNECTION, LocalDeployment
 
 pytestmark = [
     pytest.mark.e2e,

@@ -13,7 +13,6 @@ import socket
 import ssl
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,15 +21,15 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
-from markers import needs_fmnist
 
-from fedapp.checkpoint import load_checkpoint
-from fedapp.rundir import read_jsonl
+from fedapp.runs.checkpoint import load_checkpoint
+from fedapp.runs.rundir import read_jsonl
+from tests.support.markers import needs_fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE_CERTS = REPO / "scripts" / "make_certs.sh"
-sys.path.insert(0, str(REPO / "scripts"))
-from local_deployment import HOST, LocalDeployment  # noqa: E402
+from fedapp.deploy.local import LocalDeployment
+from fedapp.deploy.processes import HOST
 
 needs_tools = pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
                                  reason="make_certs.sh needs openssl and ssh-keygen")

@@ -1,4 +1,4 @@
-"""Tests for fedapp.diffusion: schedule, forward noising, loss, timestep grids and the
+"""Tests for fedapp.model.diffusion: schedule, forward noising, loss, timestep grids and the
 stretch-wise reverse chain (CollaFuse's cut), plus a short real-data training check."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from markers import needs_fmnist
 from torch.nn import functional as F
 
 from fedapp.config import DataConfig, DiffusionConfig
-from fedapp.datasets import to_model_range
-from fedapp.diffusion import Diffusion
-from fedapp.unet import UNet
+from fedapp.data.sources import to_model_range
+from fedapp.model.diffusion import Diffusion
+from fedapp.model.unet import UNet
+from tests.support.markers import needs_fmnist
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -211,9 +211,9 @@ def test_sample_restores_training_mode() -> None:
 
 @needs_fmnist
 def test_loss_goes_down_on_fashion_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from fedapp import datasets
-    from fedapp.datasets import load_split
-    from fedapp.training import denoising_loss
+    from fedapp.data import sources as datasets
+    from fedapp.data.sources import load_split
+    from fedapp.train.loop import denoising_loss
 
     # Read the Debian copy only: no home cache, no download.
     monkeypatch.setenv("FEDAPP_DATA_DIR", str(tmp_path / "cache"))
@@ -296,9 +296,9 @@ def test_ddim_steps_must_divide_the_chain() -> None:
 
 
 def test_generate_zero_images_is_an_empty_batch_not_an_error() -> None:
-    from fedapp.builders import build_diffusion, build_model
     from fedapp.config import parse_config
-    from fedapp.sampling import generate
+    from fedapp.model.build import build_diffusion, build_model
+    from fedapp.model.sampling import generate
 
     cfg = parse_config({"model.dim": 8, "model.dim-mults": "1,2"})
     out = generate(build_model(cfg, seed=0), build_diffusion(cfg), 0, (1, 28), steps=2)

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from markers import needs_fmnist
 
-from fedapp.checkpoint import load_checkpoint
 from fedapp.config import parse_config
-from fedapp.methods import private_parts, round_cost
-from fedapp.rundir import read_jsonl
-from fedapp.unet import part_sizes
-from flwr_harness import flwr_home, flwr_run
+from fedapp.deploy.simulation import flwr_home, flwr_run
+from fedapp.model.unet import part_sizes
+from fedapp.protocol.methods import private_parts, round_cost
+from fedapp.runs.checkpoint import load_checkpoint
+from fedapp.runs.rundir import read_jsonl
+from tests.support.markers import needs_fmnist
 
 pytestmark = [
     pytest.mark.e2e,

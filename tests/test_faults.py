@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from markers import needs_fmnist
 
-from fedapp.checkpoint import load_checkpoint
 from fedapp.config import parse_config
-from fedapp.rundir import read_jsonl
-from flower_mocks import FakeGrid
-from flwr_harness import flwr_home, flwr_run
+from fedapp.deploy.simulation import flwr_home, flwr_run
+from fedapp.runs.checkpoint import load_checkpoint
+from fedapp.runs.rundir import read_jsonl
 from server_app.rounds import NodesMissingError, wait_for_nodes
+from tests.support.markers import needs_fmnist
+from tests.support.mocks import FakeGrid
 
 
 def test_fault_config_names_partition_and_round() -> None:

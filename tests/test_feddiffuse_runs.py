@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from inprocess import run_inprocess
-from markers import needs_fmnist
 
-from fedapp.builders import build_model
-from fedapp.methods import ALL_PARTS, SHARED_PARTS, private_parts, round_cost
-from fedapp.node_state import load_node_model
-from fedapp.records import model_to_record
-from fedapp.unet import part_of, part_sizes
+from fedapp.model.build import build_model
+from fedapp.model.unet import part_of, part_sizes
+from fedapp.protocol.methods import ALL_PARTS, SHARED_PARTS, private_parts, round_cost
+from fedapp.protocol.records import model_to_record
+from fedapp.runs.node_state import load_node_model
+from tests.support.inprocess import run_inprocess
+from tests.support.markers import needs_fmnist
 
 pytestmark = [
     pytest.mark.usefixtures("task_identity"),

@@ -8,14 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from markers import needs_fmnist
-from pytorch_fid import inception as pf_inception
 from torch import nn
 
-from fedapp import frechet, inception
 from fedapp.config import DataConfig, EvalConfig, parse_config
-from fedapp.datasets import load_split
-from fedapp.frechet import (
+from fedapp.data.sources import load_split
+from fedapp.eval import frechet, inception
+from fedapp.eval.frechet import (
     FD_CNN,
     FID,
     ClassifierFeatures,
@@ -25,12 +23,13 @@ from fedapp.frechet import (
     frechet_distance,
     reference_stats,
 )
-from fedapp.inception import (
+from fedapp.eval.inception import (
     FIDWeightsUnavailable,
     InceptionFeatures,
     fid_inception_architecture,
     find_fid_weights,
 )
+from tests.support.markers import needs_fmnist
 
 
 class MeanPool(nn.Module):
@@ -178,7 +177,7 @@ def test_fd_cnn_is_skipped_for_data_its_classifier_does_not_know(caplog: pytest.
 def test_classifier_weights_are_found_outside_the_source_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     """A Flower app bundle has no .pt files: the app then uses the installed fedapp's copy."""
-    from fedapp import classifier
+    from fedapp.eval import classifier
 
     shipped = classifier.CLASSIFIER_PATH.resolve()
     monkeypatch.setattr(classifier, "CLASSIFIER_PATH", tmp_path / "bundle" / "fedapp" / "assets" / shipped.name)
@@ -225,8 +224,8 @@ def test_fid_code_path_with_test_written_weights(tmp_path: Path, test_written_we
     It runs the whole FID pipeline (lookup, loading, 1->3 channels and resizing, statistics,
     cache, distance) as a run would, without the real weights this machine cannot download.
     """
-    from fedapp.builders import build_diffusion, build_model
-    from fedapp.quality import QualityMeter
+    from fedapp.eval.quality import QualityMeter
+    from fedapp.model.build import build_diffusion, build_model
 
     cfg = parse_config({
         "model.dim": 8, "model.dim-mults": "1,2", "eval.metric-samples": 6, "eval.sampler-steps": 2,

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from markers import needs_fmnist
 
-from fedapp.rundir import read_jsonl
-from flwr_harness import REPO, free_port, stop_pids, superlink_pids
+from fedapp.deploy.processes import stop_pids, superlink_pids
+from fedapp.deploy.simulation import REPO, simulation_env
+from fedapp.runs.rundir import read_jsonl
+from tests.support.markers import needs_fmnist
 
 pytestmark = [pytest.mark.e2e, needs_fmnist]
 
@@ -32,9 +33,7 @@ def test_make_run_works_without_the_venv_on_path(tmp_path: Path) -> None:
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
                            if p and Path(p).resolve() != venv_bin.resolve())
     home = tmp_path / "flwr-home"
-    env = {**os.environ, "PATH": path, "FLWR_HOME": str(home),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    env = {**simulation_env(home), "PATH": path}  # ports of its own; the venv is not on PATH
     env.pop("VIRTUAL_ENV", None)
     runs = tmp_path / "runs"
     try:

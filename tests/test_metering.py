@@ -18,12 +18,12 @@ from flwr.app import (
 )
 from flwr.supercore.run import Run
 
-from fedapp.comm import CommLedger, format_summary
-from fedapp.records import arrays_size, model_to_record
-from fedapp.unet import UNet
-from flower_mocks import FakeGrid
+from fedapp.model.unet import UNet
+from fedapp.protocol.comm import CommLedger, format_summary
+from fedapp.protocol.records import arrays_size, model_to_record
 from server_app.metering import MeteredGrid
 from strategies import Full
+from tests.support.mocks import FakeGrid
 
 NODES = (11, 22, 33)
 EXAMPLES = {11: 10, 22: 30, 33: 60, 44: 5}

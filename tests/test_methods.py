@@ -1,4 +1,4 @@
-"""fedapp.methods: which parts each method shares, USplit's draw, and the communication count."""
+"""fedapp.protocol.methods: which parts each method shares, USplit's draw, and the communication count."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from fedapp.methods import (
+from fedapp.model.unet import UNet, part_sizes
+from fedapp.protocol.methods import (
     ALL_PARTS,
     METHODS,
     SHARED_PARTS,
@@ -18,7 +19,6 @@ from fedapp.methods import (
     round_cost,
     usplit_assignment,
 )
-from fedapp.unet import UNet, part_sizes
 
 ENC, BOT, DEC = ALL_PARTS
 PAIR_TASKS = {(ENC,), (ENC, BOT), (DEC,), (BOT, DEC)}

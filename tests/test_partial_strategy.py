@@ -25,14 +25,14 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedapp.client_metrics import mean_std_over_clients
 from fedapp.config import parse_config
-from fedapp.methods import ALL_PARTS, SHARED_PARTS, parts_keys, private_parts
-from fedapp.records import model_to_record
-from fedapp.unet import UNet, unet_parts
-from flower_mocks import FakeGrid, reply_from
+from fedapp.model.unet import UNet, unet_parts
+from fedapp.protocol.methods import ALL_PARTS, SHARED_PARTS, parts_keys, private_parts
+from fedapp.protocol.metrics import mean_std_over_clients
+from fedapp.protocol.records import model_to_record
 from strategies import STRATEGIES, Full, build_strategy
 from strategies.partial import PartFedAvg, UDec, ULatDec, USplit
+from tests.support.mocks import FakeGrid, reply_from
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -1,5 +1,5 @@
-"""Tests for fedapp.partition (the four split schemes over synthetic labels) and
-fedapp.local_data (a client's train/val share of the capped pool, from fake IDX files)."""
+"""Tests for fedapp.data.partition (the four split schemes over synthetic labels) and
+fedapp.data.share (a client's train/val share of the capped pool, from fake IDX files)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedapp import datasets
 from fedapp.config import DataConfig
-from fedapp.datasets import load_split
-from fedapp.local_data import LocalData, local_data, partition_cache_path, pool_partitioner, training_pool
-from fedapp.partition import (
+from fedapp.data import sources as datasets
+from fedapp.data.partition import (
     build_partitioner,
     dirichlet_sizes,
     partition_indices,
     plot_label_distribution,
 )
+from fedapp.data.share import LocalData, local_data, partition_cache_path, pool_partitioner, training_pool
+from fedapp.data.sources import load_split
 
 N_EXAMPLES = 2000
 N_CLASSES = 10
@@ -333,7 +333,7 @@ def test_a_new_process_reads_the_share_from_disk_and_gets_the_same_data(fake_roo
     assert path.is_file() and path.is_relative_to(fake_root.parent / "cache" / "partitions")
     local_data.cache_clear()
     pool_partitioner.cache_clear()
-    with patch("fedapp.local_data.split_partition", side_effect=AssertionError("recomputed")):
+    with patch("fedapp.data.share.split_partition", side_effect=AssertionError("recomputed")):
         again = local_data(cfg, 3, 1, 3)
     assert _same(first, again)
     # Every input of the split is in the key.

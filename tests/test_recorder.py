@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
-from markers import needs_fmnist
 
-from fedapp.builders import build_diffusion, build_model
-from fedapp.comm import CommLedger
 from fedapp.config import FedConfig, parse_config
-from fedapp.records import model_to_record
-from fedapp.rundir import RunDir, read_jsonl
-from flower_mocks import FakeGrid
+from fedapp.model.build import build_diffusion, build_model
+from fedapp.protocol.comm import CommLedger
+from fedapp.protocol.records import model_to_record
+from fedapp.runs.rundir import RunDir, read_jsonl
 from server_app.metering import MeteredGrid
 from server_app.recorder import RoundRecorder
 from strategies import build_strategy
+from tests.support.markers import needs_fmnist
+from tests.support.mocks import FakeGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedapp.builders import build_model
-from fedapp.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from fedapp.config import FedConfig, parse_config
-from fedapp.records import arrays_size, content_size, load_record, model_to_record, state_numel
-from fedapp.rundir import RunDir, read_jsonl
-from fedapp.unet import UNet
+from fedapp.model.build import build_model
+from fedapp.model.unet import UNet
+from fedapp.protocol.records import arrays_size, content_size, load_record, model_to_record, state_numel
+from fedapp.runs.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
+from fedapp.runs.rundir import RunDir, read_jsonl
 
 
 def tiny_unet(seed: int) -> UNet:

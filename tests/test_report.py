@@ -13,7 +13,7 @@ import tomli_w
 from PIL import Image
 
 from fedapp.cli import main
-from fedapp.report import comm_reduction, load_run, write_report
+from fedapp.report.markdown import comm_reduction, load_run, write_report
 
 
 def _comm(down: int, up: int) -> dict[str, Any]:

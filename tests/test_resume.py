@@ -10,12 +10,12 @@ import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from fedapp.checkpoint import load_checkpoint
-from fedapp.node_state import load_node_model
-from fedapp.rundir import read_jsonl
-from flower_mocks import FakeGrid
-from inprocess import RUN_ID, InProcessRun, tiny_config
+from fedapp.runs.checkpoint import load_checkpoint
+from fedapp.runs.node_state import load_node_model
+from fedapp.runs.rundir import read_jsonl
 from server_app.app import main as server_main
+from tests.support.inprocess import RUN_ID, InProcessRun, tiny_config
+from tests.support.mocks import FakeGrid
 
 NODES = [101, 108, 115]
 pytestmark = pytest.mark.usefixtures("task_identity")  # Messages are built outside a Flower run

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from inprocess import run_inprocess
-from markers import needs_fmnist
 
-from fedapp.datasets import load_split
-from fedapp.local_data import local_data, pool_partitioner
-from fedapp.records import decode_record
+from fedapp.data.share import local_data, pool_partitioner
+from fedapp.data.sources import load_split
+from fedapp.protocol.records import decode_record
+from tests.support.inprocess import run_inprocess
+from tests.support.markers import needs_fmnist
 
 pytestmark = [
     pytest.mark.usefixtures("task_identity"),

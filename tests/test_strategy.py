@@ -1,6 +1,6 @@
 """The ``Full`` strategy (FedAvg over every array) on mocked Flower replies, without Ray.
 
-The mocks (``FakeGrid``, ``reply_from``) live in flower_mocks.py.
+The mocks (``FakeGrid``, ``reply_from``) live in tests/support/mocks.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from flwr.app import (
 )
 
 from fedapp.config import parse_config
-from flower_mocks import FakeGrid, reply_from
 from strategies import STRATEGIES, Full, build_strategy
+from tests.support.mocks import FakeGrid, reply_from
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from fedapp.config import parse_config
-from fedapp.rundir import RunDir
-from fedapp.tradeoff import sweep_row, write_tradeoff
+from fedapp.report.tradeoff import sweep_row, write_tradeoff
+from fedapp.runs.rundir import RunDir
 
 
 def _run(tmp_path: Path, c: float, fd: float, ssim: float | None, name: str = "") -> Path:

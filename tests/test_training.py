@@ -1,4 +1,4 @@
-"""Tests for fedapp.training: step/image counts, partial training, determinism, the
+"""Tests for fedapp.train.loop: step/image counts, partial training, determinism, the
 held-out denoising loss and device selection."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from fedapp.diffusion import Diffusion
-from fedapp.training import TrainResult, denoising_loss, pick_device, train_local
-from fedapp.unet import UNet, unet_parts
+from fedapp.model.diffusion import Diffusion
+from fedapp.model.unet import UNet, unet_parts
+from fedapp.train.loop import TrainResult, denoising_loss, pick_device, train_local
 
 CPU = torch.device("cpu")
 
@@ -79,7 +79,7 @@ def test_loss_is_weighted_mean_of_batches(initial: UNet, diffusion: Diffusion) -
     images = fake_images(3)
     result = train(model, diffusion, images, batch_size=3, seed=5)
     # Recompute: the batch order is randperm(seed), the noise uses seed + 1.
-    from fedapp.datasets import to_model_range
+    from fedapp.data.sources import to_model_range
 
     order = torch.randperm(3, generator=torch.Generator().manual_seed(5))
     ref = copy.deepcopy(initial).train()

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from inprocess import run_inprocess
-from markers import needs_fmnist
 
-from fedapp.comm import CommLedger
-from fedapp.records import (
+from fedapp.model.unet import UNet
+from fedapp.protocol.comm import CommLedger
+from fedapp.protocol.records import (
     TRANSPORT_DTYPES,
     decode_record,
     encode_state,
@@ -20,10 +19,11 @@ from fedapp.records import (
     model_to_record,
     record_dtypes,
 )
-from fedapp.unet import UNet
-from flower_mocks import FakeGrid
 from server_app.transport import server_grid
 from strategies import Full
+from tests.support.inprocess import run_inprocess
+from tests.support.markers import needs_fmnist
+from tests.support.mocks import FakeGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 CAST = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,4 +1,4 @@
-"""Tests for fedapp.unet: the paper's sizes, the encoder/bottleneck/decoder split that
+"""Tests for fedapp.model.unet: the paper's sizes, the encoder/bottleneck/decoder split that
 the federated methods exchange by name, and the forward pass."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedapp.unet import PART_NAMES, UNet, build_unet, part_of, part_sizes, unet_parts
+from fedapp.model.unet import PART_NAMES, UNet, build_unet, part_of, part_sizes, unet_parts
 
 PART_PREFIXES: dict[str, tuple[str, ...]] = {
     "encoder": ("init_conv.", "time_mlp.", "down_blocks."),

@@ -11,11 +11,11 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
-from fedapp.records import model_to_record
-from fedapp.unet import UNet, unet_parts
-from flower_mocks import FakeGrid, reply_from
+from fedapp.model.unet import UNet, unet_parts
+from fedapp.protocol.records import model_to_record
 from strategies import Full
 from strategies.partial import UDec
+from tests.support.mocks import FakeGrid, reply_from
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -27,10 +27,10 @@ from scipy import linalg
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedapp.classifier import find_classifier, load_classifier
 from fedapp.config import DataConfig, EvalConfig
-from fedapp.datasets import data_cache_dir, image_shape, load_split, to_model_range
-from fedapp.inception import FIDWeightsUnavailable, InceptionFeatures, find_fid_weights
+from fedapp.data.sources import data_cache_dir, image_shape, load_split, to_model_range
+from fedapp.eval.classifier import find_classifier, load_classifier
+from fedapp.eval.inception import FIDWeightsUnavailable, InceptionFeatures, find_fid_weights
 
 FD_CNN = "fd-cnn"
 FID = "fid"

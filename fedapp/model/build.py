@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from fedapp.config import FedConfig
-from fedapp.datasets import image_shape
-from fedapp.diffusion import Diffusion
-from fedapp.unet import UNet, build_unet
+from fedapp.data.sources import image_shape
+from fedapp.model.diffusion import Diffusion
+from fedapp.model.unet import UNet, build_unet
 
 
 def build_model(cfg: FedConfig, seed: int | None = None) -> UNet:

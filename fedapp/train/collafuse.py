@@ -18,10 +18,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedapp.config import TransportDtype
-from fedapp.datasets import to_model_range
-from fedapp.diffusion import Diffusion, Sampler
-from fedapp.records import decode_record, encode_tensor
-from fedapp.training import TrainResult
+from fedapp.data.sources import to_model_range
+from fedapp.model.diffusion import Diffusion, Sampler
+from fedapp.protocol.records import decode_record, encode_tensor
+from fedapp.train.loop import TrainResult
 
 UPLOAD_KEYS = ("x-t", "t", "target")
 

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedapp.checkpoint import load_checkpoint
+from fedapp.runs.checkpoint import load_checkpoint
 from fedapp.config import ConfigError, FedConfig, flatten
-from fedapp.rundir import RunDir
+from fedapp.runs.rundir import RunDir
 
 # Keys a resumed run may change: how long and how it runs, not what it trains.
 MAY_CHANGE = ("train.rounds", "strategy.round-timeout", "strategy.node-timeout", "output.resume",

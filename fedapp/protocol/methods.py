@@ -10,7 +10,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fedapp.unet import PART_NAMES
+from fedapp.model.unet import PART_NAMES
 
 ALL_PARTS: tuple[str, ...] = PART_NAMES  # ("encoder", "bottleneck", "decoder")
 

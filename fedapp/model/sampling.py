@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedapp.diffusion import Diffusion, Sampler
+from fedapp.model.diffusion import Diffusion, Sampler
 
 
 def generate(

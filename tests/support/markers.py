@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedapp.datasets import DEBIAN_FASHION_MNIST_DIR
+from fedapp.data.sources import DEBIAN_FASHION_MNIST_DIR
 
 HAVE_FMNIST = (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
 needs_fmnist = pytest.mark.skipif(

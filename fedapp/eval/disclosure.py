@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from fedapp.diffusion import Diffusion
+from fedapp.model.diffusion import Diffusion
 
 DATA_RANGE = 2.0  # images live in [-1, 1]
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedapp.datasets import to_model_range
-from fedapp.diffusion import Diffusion, TimeRange
+from fedapp.data.sources import to_model_range
+from fedapp.model.diffusion import Diffusion, TimeRange
 
 
 @dataclass(frozen=True)

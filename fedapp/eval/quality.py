@@ -12,10 +12,17 @@ import torch
 from torch import nn
 
 from fedapp.config import FedConfig
-from fedapp.datasets import image_shape
-from fedapp.diffusion import Diffusion
-from fedapp.frechet import Stats, feature_spaces, feature_stats, frechet_distance, reference_stats, stats_dir
-from fedapp.sampling import generate
+from fedapp.data.sources import image_shape
+from fedapp.eval.frechet import (
+    Stats,
+    feature_spaces,
+    feature_stats,
+    frechet_distance,
+    reference_stats,
+    stats_dir,
+)
+from fedapp.model.diffusion import Diffusion
+from fedapp.model.sampling import generate
 
 
 def sampler_label(cfg: FedConfig) -> str:

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fedapp.checkpoint import atomic_torch_save
 from fedapp.config import DataConfig
-from fedapp.datasets import ImageData, data_cache_dir, load_split
+from fedapp.data.sources import ImageData, data_cache_dir, load_split
+from fedapp.runs.checkpoint import atomic_torch_save
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
@@ -50,7 +50,7 @@ def training_pool(cfg: DataConfig, seed: int) -> ImageData:
 
 @lru_cache(maxsize=4)
 def pool_partitioner(cfg: DataConfig, seed: int, num_partitions: int) -> Partitioner:
-    from fedapp.partition import build_partitioner  # flwr-datasets: seconds to import
+    from fedapp.data.partition import build_partitioner  # flwr-datasets: seconds to import
 
     pool = training_pool(cfg, seed)
     return build_partitioner(pool.labels.numpy(), cfg, num_partitions, seed)
@@ -70,7 +70,7 @@ def local_data(cfg: DataConfig, seed: int, partition_id: int, num_partitions: in
 
 
 def split_partition(cfg: DataConfig, seed: int, partition_id: int, num_partitions: int) -> LocalData:
-    from fedapp.partition import partition_indices
+    from fedapp.data.partition import partition_indices
 
     pool = training_pool(cfg, seed)
     own = partition_indices(pool_partitioner(cfg, seed, num_partitions), partition_id)

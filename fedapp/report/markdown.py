@@ -25,8 +25,8 @@ import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedapp import reference as ref  # noqa: E402
-from fedapp.rundir import read_jsonl  # noqa: E402
+from fedapp.report import reference as ref  # noqa: E402
+from fedapp.runs.rundir import read_jsonl  # noqa: E402
 
 DASH = "—"
 BASELINE = "centralized"

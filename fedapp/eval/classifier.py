@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedapp.datasets import to_model_range
+from fedapp.data.sources import to_model_range
 
 __all__ = [
     "CLASSIFIER_PATH",
@@ -54,7 +54,7 @@ FEATURE_DIM = 128
 NUM_CLASSES = 10
 
 #: The committed weights; ``python scripts/train_classifier.py`` rewrites them.
-CLASSIFIER_PATH = Path(__file__).parent / "assets" / "fashion-mnist-cnn.pt"
+CLASSIFIER_PATH = Path(__file__).parents[1] / "assets" / "fashion-mnist-cnn.pt"
 
 #: Epochs of the committed weights (test accuracy 0.9213; 4 epochs gave 0.8934).
 DEFAULT_EPOCHS = 10
@@ -337,7 +337,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scripts/train_classifier.py``; returns the exit status."""
     from fedapp.config import DataConfig
-    from fedapp.datasets import load_split
+    from fedapp.data.sources import load_split
 
     args = _parser().parse_args(argv)
     if args.threads < 1:

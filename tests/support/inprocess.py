@@ -13,14 +13,14 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client_app.app import app as client_app
-from fedapp.builders import build_model
-from fedapp.comm import CommLedger
 from fedapp.config import FedConfig, parse_config
-from fedapp.node_state import node_dir, state_root
-from fedapp.records import model_to_record
-from flower_mocks import FakeGrid
+from fedapp.model.build import build_model
+from fedapp.protocol.comm import CommLedger
+from fedapp.protocol.records import model_to_record
+from fedapp.runs.node_state import node_dir, state_root
 from server_app.transport import server_grid
 from strategies import build_strategy
+from tests.support.mocks import FakeGrid
 
 RUN_ID = 4242
 

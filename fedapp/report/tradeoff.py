@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from fedapp.config import parse_config
-from fedapp.plots import plt
-from fedapp.rundir import read_jsonl
+from fedapp.report.plots import plt
+from fedapp.runs.rundir import read_jsonl
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("cut-ratio", "c"),

@@ -15,14 +15,14 @@ from logging import INFO
 import torch
 from flwr.common.logger import log
 
-from fedapp.builders import build_diffusion, build_model
-from fedapp.checkpoint import save_checkpoint
 from fedapp.config import FedConfig
-from fedapp.images import save_grid
-from fedapp.local_data import local_data
-from fedapp.quality import QualityMeter, sampler_label
-from fedapp.rundir import RunDir
-from fedapp.training import denoising_loss, pick_device, train_local
+from fedapp.data.share import local_data
+from fedapp.eval.grid import save_grid
+from fedapp.eval.quality import QualityMeter, sampler_label
+from fedapp.model.build import build_diffusion, build_model
+from fedapp.runs.checkpoint import save_checkpoint
+from fedapp.runs.rundir import RunDir
+from fedapp.train.loop import denoising_loss, pick_device, train_local
 
 
 def pooled_data(cfg: FedConfig, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,8 @@ from typing import Literal
 
 from flwr.app import RecordDict
 
-from fedapp.records import content_size, wire_bytes
-from fedapp.unet import part_of
+from fedapp.model.unet import part_of
+from fedapp.protocol.records import content_size, wire_bytes
 
 Direction = Literal["down", "up"]
 _FIELDS = ("down_params", "down_bytes", "down_wire", "up_params", "up_bytes", "up_wire")

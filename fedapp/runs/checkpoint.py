@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedapp.builders import build_model
+from fedapp.model.build import build_model
 from fedapp.config import ConfigError, FedConfig, parse_config
 
 FORMAT_VERSION = 1
