@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from fedapp.config import DataConfig, parse_config
-from fedapp.data.sources import image_shape, load_split
+from fedapp.data.pixels import image_shape
+from fedapp.data.sources import load_split
 from fedapp.eval.frechet import (
     ClassifierFeatures,
     feature_stats,

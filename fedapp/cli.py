@@ -11,7 +11,7 @@ from fedapp.model.build import build_diffusion
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from fedapp.data.sources import image_shape
+    from fedapp.data.pixels import image_shape
     from fedapp.eval.grid import save_grid
     from fedapp.model.sampling import generate
     from fedapp.runs.checkpoint import load_checkpoint

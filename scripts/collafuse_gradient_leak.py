@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from fedapp.data.pixels import to_model_range
 from fedapp.data.share import local_data
-from fedapp.data.sources import to_model_range
 from fedapp.eval.disclosure import audit_upload, gradient_variant_audit
 from fedapp.model.build import build_diffusion
 from fedapp.protocol.records import TRANSPORT_DTYPES, decode_array, encode_tensor

@@ -6,12 +6,13 @@ import time
 from logging import ERROR, INFO
 
 from flwr.app import ConfigRecord, Context
-from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedapp.config import ConfigError, FedConfig, parse_config
+from fedapp.log import log
 from fedapp.model.build import build_diffusion, build_model
 from fedapp.protocol.comm import CommLedger, format_summary
+from fedapp.protocol.keys import STATE_RUN
 from fedapp.protocol.methods import clients_own_models
 from fedapp.protocol.records import model_to_record
 from fedapp.runs.checkpoint import save_checkpoint
@@ -65,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
     state_run = point.state_run if point else context.run_id  # the nodes' state stays under the first run
 
     def server_state() -> dict[str, object]:
-        return {"strategy": strategy.state(), "rng": rng_state(), "state-run": state_run}  # type: ignore[attr-defined]
+        return {"strategy": strategy.state(), "rng": rng_state(), STATE_RUN: state_run}  # type: ignore[attr-defined]
 
     recorder = RoundRecorder(cfg, run, model, build_diffusion(cfg), metered, ledger, run_id=state_run,
                              split=strategy if isinstance(strategy, CollaFuse) else None, server_state=server_state)
@@ -79,7 +80,7 @@ def main(grid: Grid, context: Context) -> None:
         run_rounds(strategy, strategy_grid, model_to_record(model), first=point.round + 1 if point else 1,
                    last=cfg.train.rounds, timeout=cfg.strategy.round_timeout, min_nodes=cfg.strategy.min_nodes,
                    node_timeout=cfg.strategy.node_timeout, evaluate_fn=recorder,
-                   config=ConfigRecord({"state-run": state_run}))
+                   config=ConfigRecord({STATE_RUN: state_run}))
     except NodesMissingError as err:
         raise _fail(err) from None
     clients = recorder.client_models()

@@ -13,13 +13,14 @@ import time
 from logging import INFO
 
 import torch
-from flwr.common.logger import log
 
 from fedapp.config import FedConfig
 from fedapp.data.share import local_data
 from fedapp.eval.grid import save_grid
 from fedapp.eval.quality import QualityMeter, sampler_label
+from fedapp.log import log
 from fedapp.model.build import build_diffusion, build_model
+from fedapp.protocol.keys import train_seed
 from fedapp.runs.checkpoint import save_checkpoint
 from fedapp.runs.rundir import RunDir
 from fedapp.train.loop import denoising_loss, pick_device, train_local
@@ -47,7 +48,7 @@ def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int) -> list[di
     for rnd in range(1, cfg.train.rounds + 1):
         result = train_local(
             model, diffusion, train, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr, seed=cfg.seed * 1_000_003 + rnd * 1009, device=device,
+            lr=cfg.train.lr, seed=train_seed(cfg.seed, rnd), device=device,
             max_steps=cfg.train.max_steps_per_round, progress=cfg.output.progress,
             desc=f"centralized round {rnd}",
         )

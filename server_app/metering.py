@@ -8,6 +8,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedapp.protocol.comm import CommLedger
+from fedapp.protocol.keys import SERVER_ROUND
 from server_app.grid_wrapper import GridWrapper
 
 
@@ -29,8 +30,8 @@ class MeteredGrid(GridWrapper):
     def outgoing(self, messages: list[Message]) -> list[Message]:
         for msg in messages:
             for record in msg.content.config_records.values():
-                if "server-round" in record:
-                    self.current_round = int(record["server-round"])  # type: ignore[arg-type]
+                if SERVER_ROUND in record:
+                    self.current_round = int(record[SERVER_ROUND])  # type: ignore[arg-type]
             self.ledger.add(self.current_round, msg.metadata.dst_node_id, "down",
                             msg.metadata.message_type, msg.content)
         return messages

@@ -11,7 +11,6 @@ from typing import Protocol
 
 import torch
 from flwr.app import ArrayRecord, MessageType, MetricRecord
-from flwr.common.logger import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedapp.config import FedConfig
@@ -21,9 +20,11 @@ from fedapp.data.sources import DatasetNotFoundError
 from fedapp.eval.frechet import METRIC_NAMES
 from fedapp.eval.grid import save_grid
 from fedapp.eval.quality import QualityMeter, sampler_label
+from fedapp.log import log
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import UNet
 from fedapp.protocol.comm import CommLedger
+from fedapp.protocol.keys import NUM_EXAMPLES, NUM_PARTITIONS
 from fedapp.protocol.methods import clients_own_models, is_personalized
 from fedapp.protocol.metrics import IDENTIFIERS, mean_std_over_clients
 from fedapp.protocol.records import load_record
@@ -111,7 +112,7 @@ class RoundRecorder:
         if not contents:
             return {}
         personal = message_type == MessageType.EVALUATE and clients_own_models(self.cfg.strategy.name)
-        merged = (mean_std_over_clients if personal else aggregate_metricrecords)(contents, "num-examples")
+        merged = (mean_std_over_clients if personal else aggregate_metricrecords)(contents, NUM_EXAMPLES)
         return {k: v for k, v in merged.items() if k not in IDENTIFIERS and not isinstance(v, list)}  # type: ignore[misc]
 
     def _stop_without_updates(self, server_round: int) -> None:
@@ -204,9 +205,9 @@ class RoundRecorder:
         if self.label_plot_done:
             return
         reported = {
-            int(m["metrics"]["num-partitions"])  # type: ignore[arg-type]
+            int(m["metrics"][NUM_PARTITIONS])  # type: ignore[arg-type]
             for m in self.grid.round_metrics(server_round, MessageType.TRAIN)
-            if "metrics" in m and "num-partitions" in m["metrics"]
+            if "metrics" in m and NUM_PARTITIONS in m["metrics"]
         }
         if not reported:
             return

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+
+from fedapp.log import log
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 

@@ -17,36 +17,58 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedapp.config import FedConfig
-from fedapp.data.sources import image_shape, to_model_range
+from fedapp.data.pixels import image_shape, to_model_range
 from fedapp.eval.disclosure import denoiser_reconstruction
+from fedapp.log import log
 from fedapp.model.build import build_diffusion, build_model
-from fedapp.protocol.metrics import mean_std_over_clients
-from fedapp.protocol.records import decode_array, encode_tensor, load_record, model_to_record
-from fedapp.train.collafuse import (
+from fedapp.protocol.keys import (
+    AUDIT_ROUND,
+    AUDIT_X0,
+    COLLAFUSE,
+    COLLAFUSE_EVALUATE,
+    COLLAFUSE_TRAIN,
+    IMAGES,
+    PARTITION_ID,
+    SAMPLE_SEED,
+    SAMPLES,
+    SERVER_ROUND,
+    SPLIT,
+    T_CUT,
+    UPLOAD,
     UPLOAD_KEYS,
-    chain_split,
+    X_CUT,
     sample_seeds,
+    server_train_seed,
+)
+from fedapp.protocol.metrics import mean_std_over_clients
+from fedapp.protocol.records import (
+    decode_array,
+    encode_tensor,
+    load_record,
+    model_to_record,
+    upload_from_record,
+)
+from fedapp.train.collafuse import (
+    chain_split,
     server_half,
     server_steps,
-    upload_from_record,
 )
 from fedapp.train.loop import pick_device
 from strategies.validation import by_node, weight_problem
 
-TRAIN_ACTION = "train.collafuse"
+TRAIN_ACTION = COLLAFUSE_TRAIN
 Triples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x_t, t, target) as received
-EVALUATE_ACTION = "evaluate.collafuse"
+EVALUATE_ACTION = COLLAFUSE_EVALUATE
 
 
 class CollaFuse(FedAvg):
     """FedAvg's sampling and round loop; its own training (on received triples) and split evaluation."""
 
-    method = "collafuse"
+    method = COLLAFUSE
 
     def __init__(self, cfg: FedConfig, **kwargs: Any) -> None:
         kwargs.setdefault("evaluate_metrics_aggr_fn", mean_std_over_clients)  # each client scores its own model
@@ -77,9 +99,9 @@ class CollaFuse(FedAvg):
         out = []
         for node in node_ids:
             content = RecordDict({self.configrecord_key: ConfigRecord(
-                {**dict(config), "t-c": self.t_cut, **(extra or {}).get(node, {})})})
+                {**dict(config), T_CUT: self.t_cut, **(extra or {}).get(node, {})})})
             if arrays is not None:
-                content["split"] = arrays[node]
+                content[SPLIT] = arrays[node]
             out.append(Message(content=content, message_type=action, dst_node_id=node))
         return out
 
@@ -88,7 +110,7 @@ class CollaFuse(FedAvg):
         """No weights go down: the clients' models are their own, and the server's stays here."""
         load_record(self.model, arrays)
         sampled = super().configure_train(server_round, ArrayRecord(), config, grid)
-        config["server-round"] = server_round
+        config[SERVER_ROUND] = server_round
         return self._messages([m.metadata.dst_node_id for m in sampled], TRAIN_ACTION, config)
 
     # ------------------------------------------------------------------------------- training
@@ -101,9 +123,9 @@ class CollaFuse(FedAvg):
         problem = weight_problem(content, self.weighted_by_key, self.cfg.strategy.max_num_examples)
         if problem:
             return problem, None
-        if set(content.array_records) != {"upload"}:
+        if set(content.array_records) != {UPLOAD}:
             return f"expected one ArrayRecord named 'upload', got {sorted(content.array_records)}", None
-        record = content.array_records["upload"]
+        record = content.array_records[UPLOAD]
         if set(record.keys()) != set(UPLOAD_KEYS):
             return f"upload holds {sorted(record.keys())}, expected {sorted(UPLOAD_KEYS)}", None
         x_t, t, target = upload_from_record(record)
@@ -141,7 +163,7 @@ class CollaFuse(FedAvg):
         for reply in good:
             node = reply.metadata.src_node_id
             metrics = reply.content.metric_records[next(iter(reply.content.metric_records))]
-            self.partition[node] = int(metrics.get("partition-id", -1))  # type: ignore[call-overload]
+            self.partition[node] = int(metrics.get(PARTITION_ID, -1))  # type: ignore[call-overload]
             row = self._counters(server_round, node)
             row["train-client-samples"] += float(metrics.get("client-samples", 0))  # type: ignore[arg-type]
             row["train-client-seconds"] += float(metrics.get("train-seconds", 0.0))  # type: ignore[arg-type]
@@ -157,7 +179,7 @@ class CollaFuse(FedAvg):
                 torch.cat([uploads[n][0] for n in nodes]), torch.cat([uploads[n][1] for n in nodes]),
                 torch.cat([uploads[n][2] for n in nodes]),
                 epochs=self.cfg.collafuse.server_epochs, batch_size=self.cfg.train.batch_size,
-                seed=self.cfg.seed * 1_000_003 + server_round, device=self.device,
+                seed=server_train_seed(self.cfg.seed, server_round), device=self.device,
             )
             self.model.to("cpu")
             for node, (_, t, _) in uploads.items():  # the server's time, split by what each client sent
@@ -195,15 +217,15 @@ class CollaFuse(FedAvg):
                 row = self._counters(server_round, node)
                 row["infer-server-seconds"] += time.perf_counter() - started
                 row["infer-server-steps"] += n * server_steps_per_image
-                record["x-cut"] = encode_tensor(x)
+                record[X_CUT] = encode_tensor(x)
             if node in self.audit_inputs:
                 x_t, t = self.audit_inputs[node]
-                record["audit-x0"] = encode_tensor(denoiser_reconstruction(
+                record[AUDIT_X0] = encode_tensor(denoiser_reconstruction(
                     self.model, self.diffusion, x_t, t, ev.batch_size, self.device))
             self.model.to("cpu")
             per_node[node] = record
-            extra[node] = {"sample-seed": client_seed, "audit-round": self.audit_round}
-        config["server-round"] = server_round
+            extra[node] = {SAMPLE_SEED: client_seed, AUDIT_ROUND: self.audit_round}
+        config[SERVER_ROUND] = server_round
         return self._messages(nodes, EVALUATE_ACTION, config, per_node, extra)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -212,13 +234,13 @@ class CollaFuse(FedAvg):
                                                 self.cfg.eval.sampler_steps)
         for reply in valid:
             metrics = list(reply.content.metric_records.values())[0]
-            pid = int(metrics.get("partition-id", -1))  # type: ignore[call-overload]
+            pid = int(metrics.get(PARTITION_ID, -1))  # type: ignore[call-overload]
             row = self._counters(server_round, reply.metadata.src_node_id)
             images = float(metrics.get("infer-images", 0))  # type: ignore[arg-type]
             row["infer-client-seconds"] += float(metrics.get("infer-seconds", 0.0))  # type: ignore[arg-type]
             row["infer-client-steps"] += images * client_steps_per_image
-            if "samples" in reply.content.array_records:
-                grid = decode_array(reply.content["samples"]["images"])
+            if SAMPLES in reply.content.array_records:
+                grid = decode_array(reply.content[SAMPLES][IMAGES])
                 if grid.dtype == torch.uint8 and tuple(grid.shape[1:]) == self.shape:
                     self.samples.setdefault(server_round, {})[pid] = to_model_range(grid)
         if not valid:
@@ -237,7 +259,7 @@ class CollaFuse(FedAvg):
             server = sum(r.get(f"{phase}-server-{unit}", 0.0) for r in clients.values())
             if own + server > 0:
                 share[f"{phase}-{unit}"] = round(own / (own + server), 4)
-        return {"cut-ratio": self.cfg.collafuse.cut_ratio, "t-c": self.t_cut, "client-share": share,
+        return {"cut-ratio": self.cfg.collafuse.cut_ratio, T_CUT: self.t_cut, "client-share": share,
                 "clients": clients}
 
     def client_samples(self, server_round: int) -> dict[int, torch.Tensor]:

@@ -6,10 +6,10 @@ from collections.abc import Iterable
 from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedapp.log import log
 from strategies.robust import Aggregation, robust_record
 from strategies.validation import by_node, reply_problem
 

@@ -13,12 +13,13 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fedapp.log import log
 from fedapp.model.unet import unet_parts
+from fedapp.protocol.keys import ARRAYS, REPORT_PARTS
 from fedapp.protocol.methods import ALL_PARTS, SHARED_PARTS, is_personalized, parts_keys, usplit_assignment
 from fedapp.protocol.metrics import mean_std_over_clients
 from strategies.robust import Aggregation, robust_record
@@ -74,7 +75,7 @@ class PartFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._global, self._keys = arrays, unet_parts(dict(arrays.items()))
         self.tasks = self.assign(server_round, [m.metadata.dst_node_id for m in messages])
-        extra = {node: {"report-parts": ",".join(parts)} for node, parts in self.tasks.items()}
+        extra = {node: {REPORT_PARTS: ",".join(parts)} for node, parts in self.tasks.items()}
         return self._tailor(messages, arrays, extra)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -100,14 +101,14 @@ class PartFedAvg(FedAvg):
                 continue
             keys = self._keys[part]
             subsets = [
-                RecordDict({"arrays": ArrayRecord({k: m.content[self.arrayrecord_key][k] for k in keys}),
+                RecordDict({ARRAYS: ArrayRecord({k: m.content[self.arrayrecord_key][k] for k in keys}),
                             "metrics": m.content.metric_records[next(iter(m.content.metric_records))]})
                 for m in reporters
             ]
             if self.aggregation == "mean":
                 merged.update(aggregate_arrayrecords(subsets, self.weighted_by_key).items())
             else:
-                merged.update(robust_record([s["arrays"] for s in subsets], self.aggregation, self.trim_fraction))
+                merged.update(robust_record([s[ARRAYS] for s in subsets], self.aggregation, self.trim_fraction))
         self.initialized.update(m.metadata.src_node_id for m in good)
         metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
         return ArrayRecord(merged), metrics

@@ -10,14 +10,15 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from torch import nn
 
 from fedapp.config import ConfigError, parse_config
-from fedapp.data.sources import to_model_range, to_uint8
+from fedapp.data.pixels import to_model_range, to_uint8
 from fedapp.eval.disclosure import audit_upload, denoiser_reconstruction, similarity
 from fedapp.model.build import build_diffusion, build_model
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import build_unet
-from fedapp.protocol.records import decode_array, decode_record, load_record
+from fedapp.protocol.keys import sample_seeds
+from fedapp.protocol.records import decode_array, decode_record, load_record, upload_to_record
 from fedapp.runs.node_state import load_node_model
-from fedapp.train.collafuse import Upload, chain_split, client_round, sample_seeds, server_steps, split_sample
+from fedapp.train.collafuse import Upload, chain_split, client_round, server_steps, split_sample
 from strategies import CollaFuse, build_strategy
 from tests.support.inprocess import run_inprocess, tiny_config
 from tests.support.mocks import reply_from
@@ -251,7 +252,7 @@ def _upload_reply(node: int, n: int = 4, t_lo: int = 500, **change: object) -> M
     gen = torch.Generator().manual_seed(node)
     upload = Upload(x_t=torch.randn(n, 1, 28, 28, generator=gen), t=torch.randint(t_lo, 1000, (n,), generator=gen),
                     target=torch.randn(n, 1, 28, 28, generator=gen), x0=torch.zeros(n, 1, 28, 28))
-    record = upload.record()
+    record = upload_to_record(upload)
     for key, value in change.items():
         if value is None:
             del record[key]

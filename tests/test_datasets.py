@@ -15,14 +15,12 @@ from PIL import Image
 
 from fedapp.config import DataConfig
 from fedapp.data import sources as datasets
+from fedapp.data.pixels import image_shape, to_model_range, to_uint8
 from fedapp.data.sources import (
     DatasetNotFoundError,
     ImageData,
     fashion_mnist_candidates,
-    image_shape,
     load_split,
-    to_model_range,
-    to_uint8,
 )
 from tests.support.markers import needs_fmnist
 

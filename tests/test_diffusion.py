@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from fedapp.config import DataConfig, DiffusionConfig
-from fedapp.data.sources import to_model_range
+from fedapp.data.pixels import to_model_range
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import UNet
 from tests.support.markers import needs_fmnist

@@ -79,7 +79,7 @@ def test_loss_is_weighted_mean_of_batches(initial: UNet, diffusion: Diffusion) -
     images = fake_images(3)
     result = train(model, diffusion, images, batch_size=3, seed=5)
     # Recompute: the batch order is randperm(seed), the noise uses seed + 1.
-    from fedapp.data.sources import to_model_range
+    from fedapp.data.pixels import to_model_range
 
     order = torch.randperm(3, generator=torch.Generator().manual_seed(5))
     ref = copy.deepcopy(initial).train()

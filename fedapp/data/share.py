@@ -23,12 +23,12 @@ import torch
 
 from fedapp.config import DataConfig
 from fedapp.data.sources import ImageData, data_cache_dir, load_split
-from fedapp.runs.checkpoint import atomic_torch_save
+from fedapp.files import atomic_torch_save, one_line
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)  # a child of fedapp's logger (fedapp.log)
 CACHE_VERSION = 1  # bump when the split procedure changes, so old files are not reused
 
 
@@ -108,7 +108,7 @@ def _read_cached(path: Path) -> LocalData | None:
         share = LocalData(*(ImageData(raw[f"{s}_images"], raw[f"{s}_labels"], int(raw["num_classes"]))
                             for s in ("train", "val")))
     except Exception as err:  # a damaged file only costs a recompute  # noqa: BLE001
-        warnings.warn(f"ignoring unreadable partition cache {path}: {str(err).splitlines()[0]}", stacklevel=3)
+        warnings.warn(f"ignoring unreadable partition cache {path}: {one_line(err)}", stacklevel=3)
         return None
     log.info("partition from cache %s", path)
     return share

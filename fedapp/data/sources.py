@@ -26,7 +26,6 @@ import hashlib
 import logging
 import os
 import pickle
-import tempfile
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -40,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from fedapp.config import DataConfig
+from fedapp.data.pixels import image_shape
+from fedapp.files import atomic_write, one_line
 
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",
@@ -47,13 +48,10 @@ __all__ = [
     "ImageData",
     "data_cache_dir",
     "fashion_mnist_candidates",
-    "image_shape",
     "load_split",
-    "to_model_range",
-    "to_uint8",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)  # a child of fedapp's logger (fedapp.log)
 
 Split = Literal["train", "test"]
 
@@ -66,12 +64,6 @@ DATA_DIR_ENV = "FEDAPP_DATA_DIR"
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 
-_NATIVE: dict[str, tuple[int, int]] = {
-    "fashion-mnist": (1, 28),
-    "cifar10": (3, 32),
-    "celeba": (3, 64),
-    "folder": (3, 64),
-}
 
 _IDX_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -148,11 +140,6 @@ class ImageData:
 # --------------------------------------------------------------------------- helpers
 
 
-def _one_line(text: object) -> str:
-    """Error messages must stay one line even when they quote a multi-line cause."""
-    return " ".join(str(text).split())
-
-
 def data_cache_dir() -> Path:
     """Where downloads and decoded caches go: ``$FEDAPP_DATA_DIR`` or ``~/.cache/fedapp/data``.
 
@@ -176,13 +163,6 @@ def _base_dir(cfg: DataConfig) -> Path:
 def _check_split(split: str) -> None:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-
-
-def image_shape(cfg: DataConfig) -> tuple[int, int]:
-    """``(channels, side)`` without touching the disk, so models can be built (e.g. on
-    the server) before, or without, loading any data."""
-    channels, side = _NATIVE[cfg.name]
-    return channels, (cfg.image_size if cfg.image_size > 0 else side)
 
 
 def _resize_uint8(images: torch.Tensor, side: int, chunk: int = 1024) -> torch.Tensor:
@@ -252,7 +232,7 @@ def _read_bytes(path: Path) -> bytes:
                 return fh.read()
         return path.read_bytes()
     except (OSError, EOFError, zlib.error) as err:
-        raise ValueError(f"cannot read {path}: {_one_line(err)}") from err
+        raise ValueError(f"cannot read {path}: {one_line(err)}") from err
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
@@ -307,7 +287,7 @@ def _load_fashion_mnist(cfg: DataConfig, split: Split) -> ImageData:
         try:
             _torchvision_download("FashionMNIST", target)
         except Exception as err:  # any failure becomes part of the one-line message
-            reason = f"download to {target} failed: {_one_line(err)}"
+            reason = f"download to {target} failed: {one_line(err)}"
         else:
             raw = target / "FashionMNIST" / "raw"
             pair = _find_idx_pair(raw, split)
@@ -352,7 +332,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except Exception as err:
-        raise ValueError(f"corrupt CIFAR-10 batch {path}: {_one_line(repr(err))}") from err
+        raise ValueError(f"corrupt CIFAR-10 batch {path}: {one_line(repr(err))}") from err
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise ValueError(
             f"corrupt CIFAR-10 batch {path}: data {data.shape}, {len(labels)} labels"
@@ -373,7 +353,7 @@ def _load_cifar10(cfg: DataConfig, split: Split) -> ImageData:
         try:
             _torchvision_download("CIFAR10", target)
         except Exception as err:
-            reason = f"download to {target} failed: {_one_line(err)}"
+            reason = f"download to {target} failed: {one_line(err)}"
         folder = target / _CIFAR_DIR
     if not present(folder):
         raise DatasetNotFoundError(
@@ -403,7 +383,7 @@ def _read_decoded(path: Path, count: int, side: int) -> np.ndarray | None:
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        warnings.warn(f"ignoring unreadable decoded cache {path}: {_one_line(err)}", stacklevel=3)
+        warnings.warn(f"ignoring unreadable decoded cache {path}: {one_line(err)}", stacklevel=3)
         return None
     if arr.dtype != np.uint8 or arr.shape != (count, 3, side, side):
         warnings.warn(f"ignoring decoded cache {path} with shape {arr.shape}", stacklevel=3)
@@ -416,17 +396,9 @@ def _write_decoded(path: Path, arr: np.ndarray) -> None:
     """Atomic (tmp + rename), so parallel clients never read a half-written file; a
     read-only cache dir only costs a re-decode next time."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, arr, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda fh: np.save(fh, arr, allow_pickle=False))
     except OSError as err:
-        warnings.warn(f"could not write decoded cache {path}: {_one_line(err)}", stacklevel=3)
+        warnings.warn(f"could not write decoded cache {path}: {one_line(err)}", stacklevel=3)
 
 
 def _decode_one(path: Path, side: int, crop: int | None) -> np.ndarray:
@@ -443,7 +415,7 @@ def _decode_one(path: Path, side: int, crop: int | None) -> np.ndarray:
             rgb = rgb.resize((side, side), Image.Resampling.BICUBIC)
         return np.asarray(rgb, dtype=np.uint8)
     except Exception as err:
-        raise ValueError(f"cannot read image {path}: {_one_line(err)}") from err
+        raise ValueError(f"cannot read image {path}: {one_line(err)}") from err
 
 
 def _decode_images(paths: Sequence[Path], side: int, crop: int | None) -> np.ndarray:
@@ -606,18 +578,3 @@ def load_split(cfg: DataConfig, split: Split) -> ImageData:
 
 
 load_split.cache_clear = _load_cached.cache_clear  # type: ignore[attr-defined]
-
-
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], the range DDPM noise is added in; done per
-    batch (ideally on the device) so the dataset stays uint8."""
-    if images_uint8.dtype != torch.uint8:
-        raise TypeError(f"expected a uint8 tensor, got {images_uint8.dtype}")
-    return images_uint8.to(torch.float32).div_(127.5).sub_(1.0)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8, clamped: samples drift outside [-1, 1] and must still
-    save and score as valid images. Exact inverse of :func:`to_model_range`."""
-    scaled = x.detach().to(torch.float32).clamp(-1.0, 1.0).add(1.0).mul_(127.5)
-    return scaled.round_().to(torch.uint8)

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from importlib import metadata
@@ -31,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedapp.data.sources import to_model_range
+from fedapp.data.pixels import to_model_range
+from fedapp.files import atomic_torch_save
 
 __all__ = [
     "CLASSIFIER_PATH",
@@ -216,18 +215,8 @@ def save_classifier(model: FeatureCNN, path: Path, meta: dict[str, Any]) -> None
     interrupted run never leaves a truncated weights file behind."""
     _check_plain(meta)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"state_dict": state, "meta": dict(meta)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_torch_save({'state_dict': state, 'meta': dict(meta)}, path)
 
 
 def _how_to_make(path: Path) -> str:

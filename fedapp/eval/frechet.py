@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
-import tempfile
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
@@ -20,7 +18,6 @@ from unittest import mock
 
 import numpy as np
 import torch
-from flwr.common.logger import log
 from pytorch_fid import fid_score
 from pytorch_fid.fid_score import calculate_frechet_distance
 from scipy import linalg
@@ -28,9 +25,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedapp.config import DataConfig, EvalConfig
-from fedapp.data.sources import data_cache_dir, image_shape, load_split, to_model_range
+from fedapp.data.pixels import image_shape, to_model_range
+from fedapp.data.sources import data_cache_dir, load_split
 from fedapp.eval.classifier import find_classifier, load_classifier
 from fedapp.eval.inception import FIDWeightsUnavailable, InceptionFeatures, find_fid_weights
+from fedapp.files import atomic_write
+from fedapp.log import log
 
 FD_CNN = "fd-cnn"
 FID = "fid"
@@ -126,15 +126,7 @@ def _read_stats(path: Path, dim: int) -> Stats | None:
 
 
 def _write_stats(path: Path, stats: Stats) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            np.savez(out, mu=stats.mu, sigma=stats.sigma, n=stats.n)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda out: np.savez(out, mu=stats.mu, sigma=stats.sigma, n=stats.n))
 
 
 def reference_stats(space: nn.Module, data: DataConfig, split: str, directory: Path, *, limit: int = 0,

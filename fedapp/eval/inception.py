@@ -16,6 +16,8 @@ import torch
 from pytorch_fid import inception as pf_inception
 from torch import nn
 
+from fedapp.files import one_line
+
 FID_WEIGHTS_URL = pf_inception.FID_WEIGHTS_URL
 FID_WEIGHTS_FILE = FID_WEIGHTS_URL.rsplit("/", 1)[-1]
 FID_WEIGHTS_SHA256_PREFIX = FID_WEIGHTS_FILE.rsplit("-", 1)[-1].split(".")[0]  # torch hub's naming
@@ -69,7 +71,7 @@ def find_fid_weights(configured: str = "", download: bool = True, timeout_s: flo
             FID_WEIGHTS_URL, str(cached), hash_prefix=FID_WEIGHTS_SHA256_PREFIX, progress=False
         )
     except Exception as err:  # noqa: BLE001 - any failure means "no weights", said in one line
-        reason = " ".join(str(err).split()) or type(err).__name__
+        reason = one_line(err)
         raise FIDWeightsUnavailable(
             f"Inception FID weights: not configured (eval.fid-weights), not in {cached}, "
             f"and the download from {FID_WEIGHTS_URL} failed: {reason}"

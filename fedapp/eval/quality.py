@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedapp.config import FedConfig
-from fedapp.data.sources import image_shape
+from fedapp.data.pixels import image_shape
 from fedapp.eval.frechet import (
     Stats,
     feature_spaces,

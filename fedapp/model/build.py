@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedapp.config import FedConfig
-from fedapp.data.sources import image_shape
+from fedapp.data.pixels import image_shape
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import UNet, build_unet
 

@@ -6,8 +6,9 @@ import statistics
 
 from flwr.app import MetricRecord, RecordDict
 
+from fedapp.protocol.keys import IDENTIFIERS
+
 # Keys clients report to identify themselves: not metrics, never averaged.
-IDENTIFIERS = ("partition-id", "num-partitions")
 
 
 def mean_std_over_clients(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:

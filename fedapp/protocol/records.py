@@ -18,6 +18,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import nn
 
 from fedapp.config import TransportDtype
+from fedapp.protocol.keys import UPLOAD_KEYS
+from fedapp.train.collafuse import Upload
 
 TRANSPORT_DTYPES: tuple[str, ...] = get_args(TransportDtype)
 RAW_BF16 = "fedapp.raw-bfloat16"  # Array.stype of a bfloat16 array sent as its bytes
@@ -115,3 +117,17 @@ def wire_bytes(content: RecordDict) -> int:
 
 def state_numel(state: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() for v in state.values())
+
+
+def upload_to_record(upload: Upload, dtype: TransportDtype = "float32") -> ArrayRecord:
+    """CollaFuse's server-bound triples: x_t, t and the target, never the images behind them."""
+    x_t, t, target = UPLOAD_KEYS
+    return ArrayRecord({x_t: encode_tensor(upload.x_t, dtype), t: encode_tensor(upload.t),
+                        target: encode_tensor(upload.target, dtype)})
+
+
+def upload_from_record(record: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, target) as the server holds them: floats widened to float32."""
+    arrays = decode_record(record)
+    x_t, t, target = (arrays[key] for key in UPLOAD_KEYS)
+    return x_t, t, target

@@ -25,6 +25,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedapp.files import one_line  # noqa: E402
 from fedapp.report import reference as ref  # noqa: E402
 from fedapp.runs.rundir import read_jsonl  # noqa: E402
 
@@ -97,10 +98,6 @@ class Run:
 # ---------------------------------------------------------------- reading
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def _dig(obj: Any, *keys: str) -> Any:
     """A nested value, or None where any level is missing or not a table (old or partial rows)."""
     for key in keys:
@@ -121,7 +118,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except (OSError, ValueError) as err:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path}: unreadable config ({_one_line(err)})") from None
+        raise ValueError(f"{path}: unreadable config ({one_line(err)})") from None
 
 
 def _bad_line(path: Path) -> int | None:
@@ -149,7 +146,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     except (OSError, ValueError) as err:
         line = _bad_line(path) if not isinstance(err, OSError) else None
         where = f"{path}:{line}" if line else str(path)
-        raise ValueError(f"{where}: unreadable metrics line ({_one_line(err)})") from None
+        raise ValueError(f"{where}: unreadable metrics line ({one_line(err)})") from None
     if not all(isinstance(row, dict) for row in rows):
         raise ValueError(f"{path}:{_bad_line(path)}: a metrics line is not a JSON object")
     return rows

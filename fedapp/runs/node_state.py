@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fedapp.runs.checkpoint import atomic_torch_save
+from fedapp.files import atomic_torch_save
 
 STATE_DIR_ENV = "FEDAPP_NODE_STATE_DIR"
 MODEL_FILE = "model.pt"

@@ -20,6 +20,7 @@ import torch
 from fedapp.runs.checkpoint import load_checkpoint
 from fedapp.config import ConfigError, FedConfig, flatten
 from fedapp.runs.rundir import RunDir
+from fedapp.protocol.keys import STATE_RUN
 
 # Keys a resumed run may change: how long and how it runs, not what it trains.
 MAY_CHANGE = ("train.rounds", "strategy.round-timeout", "strategy.node-timeout", "output.resume",
@@ -40,7 +41,7 @@ class ResumePoint:
     @property
     def state_run(self) -> int:
         """The run id the nodes keep their state under: the first run's, whatever resumes it."""
-        return int(self.extra.get("state-run", 0))
+        return int(self.extra.get(STATE_RUN, 0))
 
 
 def rng_state() -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import tomli_w
 
 from fedapp.config import FedConfig
+from fedapp.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,11 @@ class RunDir:
 
     def write_config(self, cfg: FedConfig) -> None:
         """The resolved config, as a TOML file ``flwr run --run-config`` accepts back."""
-        _atomic_write(self.config_path, tomli_w.dumps(cfg.model_dump(by_alias=True)))
+        atomic_write_text(self.config_path, tomli_w.dumps(cfg.model_dump(by_alias=True)))
 
     def rewrite_jsonl(self, path: Path, rows: list[dict[str, Any]]) -> None:
         """Replace a log with exactly these rows (a resume drops the rounds after its checkpoint)."""
-        _atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
     def append_jsonl(self, path: Path, rows: list[dict[str, Any]] | dict[str, Any]) -> None:
         """Append and flush, so a crash loses at most the row being written."""
@@ -75,16 +76,6 @@ class RunDir:
                 handle.write(json.dumps(row) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Temporary file, fsync, rename: a reader or a crash sees the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

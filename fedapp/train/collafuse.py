@@ -4,7 +4,7 @@ The server's shared denoiser owns t >= t_c, each client's own denoiser t < t_c. 
 draws (x_t, t, ε) for its batches, trains its own model on the draws below the cut and
 sends the others, capped per round, to the server. At inference the server runs
 x_T -> x_{t_c} and the client finishes. No Flower here: the ClientApp and the strategy
-call these pieces, and the tests run them back to back.
+call these pieces (``fedapp.protocol.records`` encodes the upload), and the tests run them back to back.
 """
 
 from __future__ import annotations
@@ -13,17 +13,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedapp.config import TransportDtype
-from fedapp.data.sources import to_model_range
+from fedapp.data.pixels import to_model_range
 from fedapp.model.diffusion import Diffusion, Sampler
-from fedapp.protocol.records import decode_record, encode_tensor
 from fedapp.train.loop import TrainResult
-
-UPLOAD_KEYS = ("x-t", "t", "target")
 
 
 @dataclass(frozen=True)
@@ -37,17 +32,6 @@ class Upload:
 
     def __len__(self) -> int:
         return len(self.t)
-
-    def record(self, dtype: TransportDtype = "float32") -> ArrayRecord:
-        """What goes to the server: x_t, t and the target, never x0."""
-        return ArrayRecord({"x-t": encode_tensor(self.x_t, dtype), "t": encode_tensor(self.t),
-                            "target": encode_tensor(self.target, dtype)})
-
-
-def upload_from_record(record: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, target) as the server holds them: floats widened to float32."""
-    arrays = decode_record(record)
-    return arrays["x-t"], arrays["t"], arrays["target"]
 
 
 @dataclass(frozen=True)
@@ -202,8 +186,3 @@ def split_sample(server: nn.Module, client: nn.Module, diffusion: Diffusion, n: 
     return client_half(client, diffusion, x, t_cut, kind=kind, steps=steps, seed=client_seed, device=device,
                        batch_size=batch_size, eta=eta)
 
-
-def sample_seeds(seed: int, server_round: int, node_id: int) -> tuple[int, int]:
-    """(server, client) generator seeds of one node's split samples in one round."""
-    base = (seed * 1_000_003 + server_round * 10_007 + node_id) % (2**62)
-    return base, base + 1

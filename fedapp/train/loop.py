@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedapp.data.sources import to_model_range
+from fedapp.data.pixels import to_model_range
 from fedapp.model.diffusion import Diffusion, TimeRange
 
 
