@@ -66,13 +66,13 @@ def main(grid: Grid, context: Context) -> None:
     state_run = point.state_run if point else context.run_id  # the nodes' state stays under the first run
 
     def server_state() -> dict[str, object]:
-        return {"strategy": strategy.state(), "rng": rng_state(), STATE_RUN: state_run}  # type: ignore[attr-defined]
+        return {"strategy": strategy.state(), "rng": rng_state(), STATE_RUN: state_run}
 
     recorder = RoundRecorder(cfg, run, model, build_diffusion(cfg), metered, ledger, run_id=state_run,
                              split=strategy if isinstance(strategy, CollaFuse) else None, server_state=server_state)
     if point:
         model.load_state_dict(point.model)
-        strategy.restore(point.extra["strategy"])  # type: ignore[attr-defined]
+        strategy.restore(point.extra["strategy"])
         set_rng_state(point.extra["rng"])
         recorder.restore(point.extra["metrics"])
     started = time.perf_counter()

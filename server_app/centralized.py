@@ -17,11 +17,12 @@ import torch
 from fedapp.config import FedConfig
 from fedapp.data.share import local_data
 from fedapp.eval.grid import save_grid
-from fedapp.eval.quality import QualityMeter, sampler_label
+from fedapp.eval.quality import QualityMeter
 from fedapp.log import log
 from fedapp.model.build import build_diffusion, build_model
 from fedapp.protocol.keys import train_seed
 from fedapp.runs.checkpoint import save_checkpoint
+from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry
 from fedapp.runs.rundir import RunDir
 from fedapp.train.loop import denoising_loss, pick_device, train_local
 
@@ -43,8 +44,8 @@ def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int) -> list[di
     log(INFO, "centralized baseline: %d training and %d held-out images pooled from %d partitions",
         len(train), len(val), num_partitions)
     meter = QualityMeter(cfg, device)
-    rows: list[dict[str, object]] = []
-    started = last = time.perf_counter()
+    rows: list[Row] = []
+    clock = RoundClock()
     for rnd in range(1, cfg.train.rounds + 1):
         result = train_local(
             model, diffusion, train, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size,
@@ -53,30 +54,19 @@ def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int) -> list[di
             desc=f"centralized round {rnd}",
         )
         now = time.perf_counter()
-        row: dict[str, object] = {
-            "round": rnd,
-            "round_s": round(now - last, 3),
-            "wall_s": round(now - started, 3),
-            "train": {"train-loss": result.loss, "train-steps": float(result.steps),
-                      "train-seconds": result.seconds, "images-per-s": result.images_per_s},
-            "evaluate": {"eval-loss": denoising_loss(model, diffusion, val, batch_size=cfg.eval.batch_size,
-                                                     seed=cfg.seed, device=device)},
-            "comm": {},
-        }
+        train_metrics = {"train-loss": result.loss, "train-steps": float(result.steps),
+                         "train-seconds": result.seconds, "images-per-s": result.images_per_s}
+        eval_loss = denoising_loss(model, diffusion, val, batch_size=cfg.eval.batch_size, seed=cfg.seed, device=device)
+        row = clock.new_row(rnd, now, train=train_metrics, evaluate={"eval-loss": eval_loss}, comm={})
         model.to("cpu")
-        checkpoint = save_checkpoint(run.checkpoint_path(rnd), cfg, rnd, model,
-                                     extra={"comm": [], "metrics": rows + [row]})
-        row["checkpoint"] = str(checkpoint.relative_to(run.path))
         if cfg.eval.is_eval_round(rnd, cfg.train.rounds):
             scores, samples = meter.measure(model, diffusion, keep=cfg.eval.num_samples)
             if scores:
-                row["quality"] = {**scores, "samples": cfg.eval.metric_samples, "sampler": sampler_label(cfg)}
+                row["quality"] = quality_entry(cfg, scores)
             row["samples"] = str(save_grid(samples, run.samples_path(rnd)).relative_to(run.path))
-        row["record_s"] = round(time.perf_counter() - now, 3)
-        rows.append(row)
-        run.append_jsonl(run.metrics_path, row)
+        close_round(run, cfg, model, rows, row, now, extra={"comm": []})
         log(INFO, "centralized round %d: train-loss %.4f eval-loss %.4f %s", rnd, result.loss,
             row["evaluate"]["eval-loss"], row.get("quality", ""))  # type: ignore[index]
-        last = time.perf_counter()
+        clock.lap()
     save_checkpoint(run.path / "final.pt", cfg, cfg.train.rounds, model, extra={"comm": [], "metrics": rows})
     return rows

@@ -19,7 +19,7 @@ from fedapp.data.share import pool_partitioner
 from fedapp.data.sources import DatasetNotFoundError
 from fedapp.eval.frechet import METRIC_NAMES
 from fedapp.eval.grid import save_grid
-from fedapp.eval.quality import QualityMeter, sampler_label
+from fedapp.eval.quality import QualityMeter
 from fedapp.log import log
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import UNet
@@ -28,8 +28,8 @@ from fedapp.protocol.keys import NUM_EXAMPLES, NUM_PARTITIONS
 from fedapp.protocol.methods import clients_own_models, is_personalized
 from fedapp.protocol.metrics import IDENTIFIERS, mean_std_over_clients
 from fedapp.protocol.records import load_record
-from fedapp.runs.checkpoint import save_checkpoint
 from fedapp.runs.node_state import collect_node_models, state_root
+from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry
 from fedapp.runs.rundir import RunDir
 from fedapp.train.loop import pick_device
 from server_app.metering import MeteredGrid
@@ -60,15 +60,14 @@ class RoundRecorder:
         self.run_id = run_id
         self.grid, self.ledger = grid, ledger
         self.device = pick_device(cfg.train.device)
-        self.started = time.perf_counter()
-        self.last = self.started
-        self.rows: list[dict[str, object]] = []
+        self.clock = RoundClock()
+        self.rows: list[Row] = []
         self.label_plot_done = False
         self.meter = QualityMeter(cfg, self.device)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
-            self.started = self.last = time.perf_counter()
+            self.clock.restart()
             return None
         now = time.perf_counter()
         train = self._aggregate(server_round, MessageType.TRAIN)
@@ -76,14 +75,9 @@ class RoundRecorder:
             self._stop_without_updates(server_round)
         load_record(self.model, arrays)
         self._plot_labels_once(server_round)
-        row: dict[str, object] = {
-            "round": server_round,
-            "round_s": round(now - self.last, 3),
-            "wall_s": round(now - self.started, 3),
-            "train": train,
-            "evaluate": self._aggregate(server_round, MessageType.EVALUATE),
-            "comm": self.ledger.round_summary(server_round),
-        }
+        row = self.clock.new_row(server_round, now, train=train,
+                                 evaluate=self._aggregate(server_round, MessageType.EVALUATE),
+                                 comm=self.ledger.round_summary(server_round))
         if self.split is not None:
             row["collafuse"] = self.split.round_report(server_round)
         if self.cfg.eval.is_eval_round(server_round, self.cfg.train.rounds):
@@ -92,17 +86,12 @@ class RoundRecorder:
                 row["quality"] = quality
             if grid_path.exists():
                 row["samples"] = str(grid_path.relative_to(self.run.path))
-        checkpoint = self.run.checkpoint_path(server_round)
-        row["checkpoint"] = str(checkpoint.relative_to(self.run.path))
-        row["record_s"] = round(time.perf_counter() - now, 3)
-        save_checkpoint(checkpoint, self.cfg, server_round, self.model,
-                        extra={"comm": self.ledger.rows(), "metrics": self.rows + [row], **self.server_state()})
-        self.rows.append(row)
-        self.run.append_jsonl(self.run.metrics_path, row)
+        close_round(self.run, self.cfg, self.model, self.rows, row, now,
+                    extra={"comm": self.ledger.rows(), **self.server_state()})
         self.run.append_jsonl(
             self.run.comm_path, [t for t in self.ledger.rows() if t["server_round"] == server_round]
         )
-        self.last = time.perf_counter()
+        self.clock.lap()
         cum = self.ledger.totals(upto=server_round)
         return MetricRecord({"cum-down-bytes": cum["down_bytes"], "cum-up-bytes": cum["up_bytes"],
                              "cum-down-wire": cum["down_wire"], "cum-up-wire": cum["up_wire"]})
@@ -131,8 +120,8 @@ class RoundRecorder:
         self.run.rewrite_jsonl(self.run.metrics_path, self.rows)
         self.run.rewrite_jsonl(self.run.comm_path, [t for t in self.ledger.rows() if t["server_round"] <= done])  # type: ignore[operator]
         wall = float(rows[-1]["wall_s"]) if rows else 0.0  # type: ignore[arg-type]
-        self.started = time.perf_counter() - wall
-        self.last = time.perf_counter()
+        self.clock.started = time.perf_counter() - wall
+        self.clock.lap()
         self.label_plot_done = self.run.label_plot_path.exists()
 
     def client_models(self) -> dict[int, dict[str, torch.Tensor]]:
@@ -168,7 +157,7 @@ class RoundRecorder:
                 log(WARNING, "no client model is visible from the server; no sample grid for round %d",
                     server_round)
         if any(k in quality for k in METRIC_NAMES):
-            quality.update({"samples": ev.metric_samples, "sampler": sampler_label(self.cfg)})
+            quality.update(quality_entry(self.cfg, {}))
         return quality, path
 
     @staticmethod

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAvg
-
 from fedapp.config import FedConfig
+from strategies.base import FedappStrategy
 from strategies.collafuse import CollaFuse
 from strategies.full import Full
 from strategies.partial import PartFedAvg, UDec, ULatDec, USplit
 
-STRATEGIES: dict[str, type[FedAvg]] = {"full": Full, "usplit": USplit, "ulatdec": ULatDec, "udec": UDec}
+STRATEGIES: dict[str, type[FedappStrategy]] = {"full": Full, "usplit": USplit, "ulatdec": ULatDec, "udec": UDec}
 
 
-def build_strategy(cfg: FedConfig) -> FedAvg:
+def build_strategy(cfg: FedConfig) -> FedappStrategy:
     s = cfg.strategy
     sampling: dict[str, object] = {
         "fraction_train": s.fraction_train,
@@ -30,4 +29,4 @@ def build_strategy(cfg: FedConfig) -> FedAvg:
     return STRATEGIES[s.name](**sampling)
 
 
-__all__ = ["STRATEGIES", "CollaFuse", "Full", "PartFedAvg", "UDec", "ULatDec", "USplit", "build_strategy"]
+__all__ = ["STRATEGIES", "CollaFuse", "FedappStrategy", "Full", "PartFedAvg", "UDec", "ULatDec", "USplit", "build_strategy"]

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from fedapp.config import FedConfig
 from fedapp.data.pixels import image_shape, to_model_range
@@ -58,6 +57,7 @@ from fedapp.train.collafuse import (
     server_steps,
 )
 from fedapp.train.loop import pick_device
+from strategies.base import FedappStrategy, StrategyState
 from strategies.validation import by_node, weight_problem
 
 TRAIN_ACTION = COLLAFUSE_TRAIN
@@ -65,14 +65,15 @@ Triples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x_t, t, target) as
 EVALUATE_ACTION = COLLAFUSE_EVALUATE
 
 
-class CollaFuse(FedAvg):
+class CollaFuse(FedappStrategy):
     """FedAvg's sampling and round loop; its own training (on received triples) and split evaluation."""
 
     method = COLLAFUSE
 
     def __init__(self, cfg: FedConfig, **kwargs: Any) -> None:
         kwargs.setdefault("evaluate_metrics_aggr_fn", mean_std_over_clients)  # each client scores its own model
-        super().__init__(**kwargs)
+        super().__init__(max_num_examples=cfg.strategy.max_num_examples,
+                         min_valid_replies=cfg.strategy.min_valid_replies, **kwargs)
         self.cfg = cfg
         self.diffusion = build_diffusion(cfg)
         self.t_cut = cfg.collafuse.cut(cfg.diffusion.timesteps)
@@ -266,9 +267,9 @@ class CollaFuse(FedAvg):
         """Each client's split-inference samples of an evaluation round, by partition id, in [-1, 1]."""
         return dict(sorted(self.samples.get(server_round, {}).items()))
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> StrategyState:
         """What a resume needs beyond the weights: the server's optimizer."""
         return {"optimizer": self.optimizer.state_dict()}
 
-    def restore(self, state: dict[str, object]) -> None:
+    def restore(self, state: StrategyState) -> None:
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]

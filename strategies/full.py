@@ -7,14 +7,14 @@ from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from fedapp.log import log
-from strategies.robust import Aggregation, robust_record
+from strategies.base import FedappStrategy
+from strategies.robust import robust_record
 from strategies.validation import by_node, reply_problem
 
 
-class Full(FedAvg):
+class Full(FedappStrategy):
     """Example-weighted FedAvg of the whole model (``num-examples`` weights).
 
     The baseline whose communication the sub-block methods cut down. Before averaging it
@@ -23,19 +23,9 @@ class Full(FedAvg):
 
     method = "full"
 
-    def __init__(self, *args: object, max_num_examples: int = 10_000_000, min_valid_replies: int = 1,
-                 aggregation: Aggregation = "mean", trim_fraction: float = 0.2, **kwargs: object) -> None:
+    def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.max_num_examples, self.min_valid_replies = max_num_examples, min_valid_replies
-        self.aggregation, self.trim_fraction = aggregation, trim_fraction
         self._shapes: dict[str, tuple[int, ...]] | None = None
-
-    def state(self) -> dict[str, object]:
-        """What a resume needs beyond the weights: nothing, Full keeps no state across rounds."""
-        return {}
-
-    def restore(self, state: dict[str, object]) -> None:
-        del state
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -49,9 +39,7 @@ class Full(FedAvg):
         shapes = self._reference(answered)
         kept = [m for m in replies if m.has_error() or self._valid(m, shapes)]
         valid = len([m for m in kept if not m.has_error()])
-        if answered and valid < self.min_valid_replies:
-            log(WARNING, "round %d keeps the previous model: %d valid replies, strategy.min-valid-replies = %d",
-                server_round, valid, self.min_valid_replies)
+        if self.too_few_valid(server_round, len(answered), valid):
             return None, None
         if self.aggregation == "mean":
             return super().aggregate_train(server_round, kept)

@@ -14,7 +14,6 @@ from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedapp.log import log
@@ -22,32 +21,30 @@ from fedapp.model.unet import unet_parts
 from fedapp.protocol.keys import ARRAYS, REPORT_PARTS
 from fedapp.protocol.methods import ALL_PARTS, SHARED_PARTS, is_personalized, parts_keys, usplit_assignment
 from fedapp.protocol.metrics import mean_std_over_clients
-from strategies.robust import Aggregation, robust_record
+from strategies.base import FedappStrategy, StrategyState
+from strategies.robust import robust_record
 from strategies.validation import by_node, reply_problem
 
 
-class PartFedAvg(FedAvg):
+class PartFedAvg(FedappStrategy):
     """Part-wise FedAvg; subclasses choose the method and, for USplit, the tasks."""
 
     method = "full"
 
-    def __init__(self, *args: object, max_num_examples: int = 10_000_000, min_valid_replies: int = 1,
-                 aggregation: Aggregation = "mean", trim_fraction: float = 0.2, **kwargs: object) -> None:
+    def __init__(self, *args: object, **kwargs: object) -> None:
         if is_personalized(self.method):
             kwargs.setdefault("evaluate_metrics_aggr_fn", mean_std_over_clients)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.max_num_examples, self.min_valid_replies = max_num_examples, min_valid_replies
-        self.aggregation, self.trim_fraction = aggregation, trim_fraction
         self.tasks: dict[int, tuple[str, ...]] = {}
         self.initialized: set[int] = set()  # nodes that hold their private parts
         self._global: ArrayRecord | None = None
         self._keys: dict[str, list[str]] = {}
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> StrategyState:
         """What a resume needs beyond the weights: which nodes already hold their private parts."""
         return {"initialized": sorted(self.initialized)}
 
-    def restore(self, state: dict[str, object]) -> None:
+    def restore(self, state: StrategyState) -> None:
         self.initialized = set(state.get("initialized", []))  # type: ignore[call-overload]
 
     def assign(self, server_round: int, node_ids: list[int]) -> dict[int, tuple[str, ...]]:
@@ -88,9 +85,7 @@ class PartFedAvg(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(by_node(replies), is_train=True, validate=False)
         good = [m for m in valid if self._reported_its_task(m)]
-        if valid and len(good) < self.min_valid_replies:
-            log(WARNING, "round %d keeps the previous model: %d valid replies, strategy.min-valid-replies = %d",
-                server_round, len(good), self.min_valid_replies)
+        if self.too_few_valid(server_round, len(valid), len(good)):
             return None, None
         if not good or self._global is None:
             return None, None
@@ -140,11 +135,11 @@ class USplit(PartFedAvg):
         super().__init__(*args, **kwargs)
         self.rng = random.Random(seed)
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> StrategyState:
         """Also the task generator, so a resumed run draws the tasks the uninterrupted one would."""
         return {**super().state(), "rng": self.rng.getstate()}
 
-    def restore(self, state: dict[str, object]) -> None:
+    def restore(self, state: StrategyState) -> None:
         super().restore(state)
         if "rng" in state:
             self.rng.setstate(state["rng"])  # type: ignore[arg-type]

@@ -25,11 +25,6 @@ from fedapp.model.diffusion import Diffusion
 from fedapp.model.sampling import generate
 
 
-def sampler_label(cfg: FedConfig) -> str:
-    ev = cfg.eval
-    return f"{ev.sampler}-{ev.sampler_steps}"
-
-
 class QualityMeter:
     """Fréchet metrics of generated images against the cached real statistics."""
 

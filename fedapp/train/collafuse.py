@@ -9,16 +9,14 @@ call these pieces (``fedapp.protocol.records`` encodes the upload), and the test
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fedapp.data.pixels import to_model_range
 from fedapp.model.diffusion import Diffusion, Sampler
-from fedapp.train.loop import TrainResult
+from fedapp.train.loop import Tally, TrainResult, optimizer_step, shuffled_batches
 
 
 @dataclass(frozen=True)
@@ -71,38 +69,26 @@ def client_round(
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     source = images.to(device)
     parts: dict[str, list[torch.Tensor]] = {"x_t": [], "t": [], "target": [], "x0": []}
-    kept = drawn = batches = steps = trained = 0
-    total = torch.zeros((), device=device)
-    start = time.perf_counter()
-    done = False
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
-        order = torch.randperm(len(images), generator=order_gen).to(device)
-        for first in range(0, len(images), batch_size):
-            x0 = to_model_range(source[order[first : first + batch_size]])
-            x_t, t, eps = diffusion.noised(x0, None, noise_gen)
-            low = t < t_cut
-            drawn, batches = drawn + len(t), batches + 1
-            if bool(low.any()):
-                loss = diffusion.loss_on(model, x_t[low], t[low], eps[low])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.detach() * int(low.sum())
-                trained, steps = trained + int(low.sum()), steps + 1
-            high = (~low).nonzero().flatten()
-            take = high[: max(upload_cap - kept, 0)]
-            for name, tensor in (("x_t", x_t), ("t", t), ("target", eps), ("x0", x0)):
-                parts[name].append(tensor[take].detach().cpu())
-            kept += len(take)
-            done = (max_steps > 0 and batches >= max_steps) or (t_cut == 0 and kept >= upload_cap)
-            if done:
-                break
-        if done:
+    kept = drawn = batches = 0
+    own = Tally(device)
+    for pick in shuffled_batches(len(images), batch_size, epochs, order_gen, device, progress=progress, desc=desc):
+        x0 = to_model_range(source[pick])
+        x_t, t, eps = diffusion.noised(x0, None, noise_gen)
+        low = t < t_cut
+        drawn, batches = drawn + len(t), batches + 1
+        if bool(low.any()):
+            loss = diffusion.loss_on(model, x_t[low], t[low], eps[low])
+            optimizer_step(optimizer, loss)
+            own.add(loss, int(low.sum()))
+        high = (~low).nonzero().flatten()
+        take = high[: max(upload_cap - kept, 0)]
+        for name, tensor in (("x_t", x_t), ("t", t), ("target", eps), ("x0", x0)):
+            parts[name].append(tensor[take].detach().cpu())
+        kept += len(take)
+        if (max_steps > 0 and batches >= max_steps) or (t_cut == 0 and kept >= upload_cap):
             break
-    mean = total.item() / trained if trained else 0.0
-    own = TrainResult(loss=mean, steps=steps, images=trained, seconds=time.perf_counter() - start)
     upload = Upload(**{name: torch.cat(chunks) for name, chunks in parts.items()})
-    return ClientRound(own=own, drawn=drawn), upload
+    return ClientRound(own=own.result(), drawn=drawn), upload
 
 
 def server_steps(
@@ -122,21 +108,12 @@ def server_steps(
     model.to(device).train()
     gen = torch.Generator().manual_seed(seed)
     x_t, t, target = x_t.to(device), t.to(device), target.to(device)
-    total = torch.zeros((), device=device)
-    steps = seen = 0
-    start = time.perf_counter()
-    for _ in range(epochs):
-        order = torch.randperm(len(t), generator=gen).to(device)
-        for first in range(0, len(t), batch_size):
-            pick = order[first : first + batch_size]
-            loss = diffusion.loss_on(model, x_t[pick], t[pick], target[pick])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(pick)
-            seen, steps = seen + len(pick), steps + 1
-    mean = total.item() / seen if seen else 0.0
-    return TrainResult(loss=mean, steps=steps, images=seen, seconds=time.perf_counter() - start)
+    tally = Tally(device)
+    for pick in shuffled_batches(len(t), batch_size, epochs, gen, device):
+        loss = diffusion.loss_on(model, x_t[pick], t[pick], target[pick])
+        optimizer_step(optimizer, loss)
+        tally.add(loss, len(pick))
+    return tally.result()
 
 
 def chain_split(diffusion: Diffusion, t_cut: int, kind: Sampler, steps: int | None) -> tuple[int, int]:

@@ -1,10 +1,16 @@
-"""Local DDPM training and the held-out denoising loss, as plain PyTorch loops."""
+"""Local DDPM training and the held-out denoising loss, as plain PyTorch loops.
+
+One epoch loop serves every trainer: :func:`shuffled_batches` deals the index batches of
+E shuffled passes, :class:`Tally` sums the loss on the device and times the work, and
+:func:`optimizer_step` takes one step. Local training (FedDiffuse and the centralized
+baseline) and both halves of CollaFuse (``fedapp.train.collafuse``) are built from them.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,6 +30,44 @@ class TrainResult:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def shuffled_batches(n: int, batch_size: int, epochs: int, generator: torch.Generator, device: torch.device, *,
+                     progress: bool = False, desc: str = "") -> Iterator[torch.Tensor]:
+    """Index batches of ``epochs`` passes over ``n`` items, each pass in a fresh order from ``generator``."""
+    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+        order = torch.randperm(n, generator=generator).to(device)
+        for first in range(0, n, batch_size):
+            yield order[first : first + batch_size]
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+@dataclass
+class Tally:
+    """The example-weighted loss, summed on the device so the host never waits for a step."""
+
+    device: torch.device
+    steps: int = 0
+    seen: int = 0
+    total: torch.Tensor = field(init=False)
+    start: float = field(init=False, default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.total = torch.zeros((), device=self.device)
+
+    def add(self, loss: torch.Tensor, count: int) -> None:
+        self.total += loss.detach() * count
+        self.seen += count
+        self.steps += 1
+
+    def result(self) -> TrainResult:
+        mean = self.total.item() / self.seen if self.seen else 0.0  # waits for the last step
+        return TrainResult(loss=mean, steps=self.steps, images=self.seen, seconds=time.perf_counter() - self.start)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -96,29 +140,16 @@ def _epochs(
     optimizer = torch.optim.Adam(params, lr=lr)
     order_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    # The uint8 partition is small: on a GPU it goes over once, not once per batch. The loss
-    # is summed on the device, so the host never waits for a step to finish.
-    source = images.to(device)
-    total = torch.zeros((), device=device)
-    steps, seen = 0, 0
-    start = time.perf_counter()
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
-        order = torch.randperm(len(images), generator=order_gen).to(device)
-        for first in range(0, len(images), batch_size):
-            x0 = to_model_range(source[order[first : first + batch_size]])
-            loss = diffusion.loss(model, x0, t_range, noise_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(x0)
-            seen += len(x0)
-            steps += 1
-            if max_steps and steps >= max_steps:
-                break
-        if max_steps and steps >= max_steps:
+    source = images.to(device)  # the uint8 partition is small: on a GPU it goes over once, not per batch
+    tally = Tally(device)
+    for pick in shuffled_batches(len(images), batch_size, epochs, order_gen, device, progress=progress, desc=desc):
+        x0 = to_model_range(source[pick])
+        loss = diffusion.loss(model, x0, t_range, noise_gen)
+        optimizer_step(optimizer, loss)
+        tally.add(loss, len(x0))
+        if max_steps and tally.steps >= max_steps:
             break
-    mean = total.item() / seen  # waits for the last step, so the time below is the real one
-    return TrainResult(loss=mean, steps=steps, images=seen, seconds=time.perf_counter() - start)
+    return tally.result()
 
 
 @torch.no_grad()

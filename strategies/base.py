@@ -1,0 +1,46 @@
+"""What every fedapp strategy adds to Flower's FedAvg: the guard on valid replies and a typed resume state.
+
+Flower's ``FedAvg`` samples the nodes, sends the messages and averages. A fedapp strategy
+also says which method it runs, refuses to move the model on too few valid replies, and
+gives the server what a resume needs beyond the weights (``state()`` / ``restore()``).
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+from typing import Any
+
+from flwr.serverapp.strategy import FedAvg
+
+from fedapp.log import log
+from strategies.robust import Aggregation
+
+StrategyState = dict[str, Any]  # plain Python values: torch.save'd in the round checkpoint
+
+
+class FedappStrategy(FedAvg):
+    """FedAvg with a method name, a resume state, and the replies guard of ``strategy.*``."""
+
+    method = "full"
+
+    def __init__(self, *args: Any, max_num_examples: int = 10_000_000, min_valid_replies: int = 1,
+                 aggregation: Aggregation = "mean", trim_fraction: float = 0.2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_num_examples, self.min_valid_replies = max_num_examples, min_valid_replies
+        self.aggregation, self.trim_fraction = aggregation, trim_fraction
+
+    def state(self) -> StrategyState:
+        """What a resume needs beyond the weights; none by default."""
+        return {}
+
+    def restore(self, state: StrategyState) -> None:
+        """Take back what :meth:`state` gave, from a round checkpoint."""
+        del state
+
+    def too_few_valid(self, server_round: int, answered: int, valid: int) -> bool:
+        """True (and logged) when replies came but fewer than ``min-valid-replies`` passed the checks."""
+        if answered and valid < self.min_valid_replies:
+            log(WARNING, "round %d keeps the previous model: %d valid replies, strategy.min-valid-replies = %d",
+                server_round, valid, self.min_valid_replies)
+            return True
+        return False
