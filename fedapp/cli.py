@@ -58,7 +58,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _comm(args: argparse.Namespace) -> int:
     from fedapp.model.unet import UNet, part_sizes
     from fedapp.protocol.methods import METHODS, cumulative_cost, round_cost
-    from fedapp.report.plots import plot_cumulative_comm
+    from fedapp.report.figures import plot_cumulative_comm
 
     if args.check:
         return _check_comm(args.check)

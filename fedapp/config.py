@@ -1,5 +1,9 @@
 """Run configuration: one pydantic tree parsed once from Flower's flat run config.
 
+The defaults live here and only here: pyproject.toml's ``[tool.flwr.app.config]`` (what
+``flwr run`` starts from) is :func:`defaults_table`, and a test fails when the two differ.
+They are the CPU default run; ``conf/paper-fmnist.toml`` sets every key where the paper differs.
+
 Flower hands every app a flat mapping of dotted, kebab-case keys (``train.local-epochs``).
 We unflatten it and validate it here, so a bad value stops the run before any training,
 with one line that names the key, the value and what is allowed.
@@ -32,7 +36,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """UNet size. ``dim`` = image side reproduces the paper's model."""
 
-    dim: int = Field(28, ge=4, le=512)
+    dim: int = Field(16, ge=4, le=512)  # the paper: 28 (= image side), conf/paper-fmnist.toml
     dim_mults: str = "1,2,4"
 
     @field_validator("dim_mults")
@@ -58,7 +62,7 @@ class DiffusionConfig(_Section):
     beta_start: float = Field(1e-4, gt=0, lt=1)
     beta_end: float = Field(0.02, gt=0, lt=1)
     loss: Literal["huber", "mse"] = "huber"
-    clip_sample: bool = False
+    clip_sample: bool = True  # the authors' sampler does not clip x0 (conf/paper-fmnist.toml)
 
 
 class DataConfig(_Section):
@@ -68,7 +72,7 @@ class DataConfig(_Section):
     root: str = ""
     download: bool = True
     image_size: int = Field(0, ge=0, le=1024)
-    max_train_examples: int = Field(0, ge=0)
+    max_train_examples: int = Field(5000, ge=0)  # 0: the whole split, as the paper
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     partitioner: Literal["iid", "label-skew", "quantity-skew", "pathological"] = "iid"
     alpha: float = Field(0.5, gt=0)
@@ -81,9 +85,9 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """Federated and local training."""
 
-    rounds: int = Field(15, ge=1)
-    local_epochs: int = Field(5, ge=1)
-    batch_size: int = Field(128, ge=1)
+    rounds: int = Field(4, ge=1)  # the paper: 15
+    local_epochs: int = Field(1, ge=1)  # the paper: 5
+    batch_size: int = Field(64, ge=1)  # the paper: 128
     lr: float = Field(1e-4, gt=0, le=1)
     max_steps_per_round: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -132,7 +136,7 @@ class CollafuseConfig(_Section):
 class EvalConfig(_Section):
     """What the server and clients measure, and how often."""
 
-    every: int = Field(1, ge=0)
+    every: int = Field(2, ge=0)
     num_samples: int = Field(64, ge=1, le=4096)
     # Ancestral DDPM on a strided grid of sampler-steps (T: the full chain). bench/eval_cost.py
     # measured DDPM-50 within 0.3 % of DDPM-1000's FD-CNN, 22x faster; DDIM-50 was 4.5x worse.
@@ -141,7 +145,7 @@ class EvalConfig(_Section):
     max_val_examples: int = Field(512, ge=0)
     batch_size: int = Field(256, ge=1)
     # Fréchet metrics on eval rounds: N generated images per model (0 turns them off).
-    metric_samples: int = Field(1000, ge=0, le=100_000)
+    metric_samples: int = Field(256, ge=0, le=100_000)  # the paper's FID: 1000
     fd_cnn: bool = True  # offline: features of fedapp's own Fashion-MNIST classifier
     fd_cnn_weights: str = ""  # the classifier's weights; default: the ones fedapp ships
     fid: Literal["off", "auto", "required"] = "auto"  # Inception FID: auto skips it without weights
@@ -225,6 +229,14 @@ class FedConfig(_Section):
     def flat(self) -> dict[str, Any]:
         """The config as Flower-style dotted kebab keys (what pyproject.toml holds)."""
         return flatten(self.model_dump(by_alias=True))
+
+
+def defaults_table() -> str:
+    """``[tool.flwr.app.config]`` as pyproject.toml must hold it: these models' defaults, one key a line."""
+    import tomli_w
+
+    body = "\n".join(f"{key} = {tomli_w.dumps({'v': value}).strip()[4:]}" for key, value in FedConfig().flat().items())
+    return f"[tool.flwr.app.config]\n{body}\n"
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,7 @@
 """Measures what a CollaFuse server rebuilds: with the target sent in each transport dtype, and in a
 variant that withholds it (the client keeps ε, the server gets dL/dε̂).
 
-Usage: python scripts/collafuse_gradient_leak.py RUN_DIR [--client 0] [--n 256]
+Usage: python -m scripts.collafuse_gradient_leak RUN_DIR [--client 0] [--n 256]
 RUN_DIR is a finished CollaFuse run; its server model plays the server, and one client's own
 training images play x0, noised at the server's timesteps [t_c, T). Prints the similarity to x0
 of what the server rebuilds in each case.
@@ -14,13 +14,58 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from fedapp.data.pixels import to_model_range
 from fedapp.data.share import local_data
-from fedapp.eval.disclosure import audit_upload, gradient_variant_audit
+from fedapp.eval.disclosure import audit_upload, similarity
 from fedapp.model.build import build_diffusion
+from fedapp.model.diffusion import Diffusion
 from fedapp.protocol.records import TRANSPORT_DTYPES, decode_array, encode_tensor
 from fedapp.runs.checkpoint import load_checkpoint
+
+
+def target_from_loss_gradient(prediction: torch.Tensor, grad: torch.Tensor, loss: str) -> torch.Tensor:
+    """The ε a server recovers from dL/dε̂ when the client keeps ε and returns only the loss gradient.
+
+    Both losses are means over all n elements. MSE: dL/dε̂ = 2(ε̂ - ε)/n, so ε is exact. Huber
+    (smooth-L1, β = 1): dL/dε̂ = clamp(ε̂ - ε, -1, 1)/n, exact wherever |ε̂ - ε| < 1 and off by the
+    excess elsewhere. Withholding the target therefore withholds little.
+    """
+    n = prediction.numel()
+    if loss == "mse":
+        return prediction - grad * n / 2
+    if loss == "huber":
+        return prediction - grad * n
+    raise ValueError(f"unknown loss {loss!r}; use 'huber' or 'mse'")
+
+
+def gradient_variant_audit(model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, t_range: tuple[int, int], *,
+                           batch_size: int, seed: int = 0) -> dict[str, float]:
+    """The three reconstructions of x0 for a variant where the client keeps ε and returns dL/dε̂.
+
+    ``solve`` uses ε itself (today's protocol), ``gradient`` the ε recovered from the gradient,
+    ``denoise`` the model's own ε̂ (what the server can do with x_t alone).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rebuilt: dict[str, list[torch.Tensor]] = {"solve": [], "gradient": [], "denoise": []}
+    exact = total = 0
+    model.eval()
+    for first in range(0, len(x0), batch_size):
+        batch = x0[first : first + batch_size]
+        x_t, t, eps = diffusion.noised(batch, t_range, gen)
+        prediction = model(x_t, t).detach().requires_grad_(True)
+        diffusion.criterion(prediction, eps).backward()
+        assert prediction.grad is not None
+        guess = target_from_loss_gradient(prediction.detach(), prediction.grad, diffusion.loss_kind)
+        exact += int(((guess - eps).abs() < 1e-4).sum())
+        total += eps.numel()
+        for name, e in (("solve", eps), ("gradient", guess), ("denoise", prediction.detach())):
+            rebuilt[name].append(diffusion.x0_from_eps(x_t, t, e).clamp(-1, 1))
+    out = {"gradient-exact-fraction": exact / total}
+    for name, parts in rebuilt.items():
+        out.update(similarity(torch.cat(parts), x0, name))
+    return out
 
 
 def main() -> None:

@@ -13,18 +13,16 @@ import torch
 from fedapp.config import DataConfig
 from fedapp.data import sources as datasets
 from fedapp.data.sources import DEBIAN_FASHION_MNIST_DIR, ImageData
-from fedapp.eval import classifier
+from fedapp.eval import classifier, classifier_training
 from fedapp.eval.classifier import (
     CLASSIFIER_PATH,
     FEATURE_DIM,
     META_KEYS,
     FeatureCNN,
-    check_classifier,
     load_classifier,
     save_classifier,
-    test_accuracy,
-    train_classifier,
 )
+from fedapp.eval.classifier_training import check_classifier, test_accuracy, train_classifier
 from tests.support.markers import needs_fmnist
 
 
@@ -195,7 +193,7 @@ def test_cli_trains_and_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(datasets, "load_split", lambda cfg, split: splits[split])
     out = tmp_path / "cnn.pt"
     argv = ["--epochs", "1", "--seed", "3", "--batch-size", "32", "--out", str(out), "--no-progress"]
-    assert classifier.main(argv) == 0
+    assert classifier_training.main(argv) == 0
     assert "test accuracy 0." in capsys.readouterr().out
     model, meta = load_classifier(out)
     assert set(META_KEYS) <= meta.keys()
@@ -204,10 +202,10 @@ def test_cli_trains_and_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert meta["test_accuracy"] == test_accuracy(model, splits["test"].images, splits["test"].labels)
 
     # the recorded accuracy is reproduced, but random data is far below the bar
-    assert classifier.main(["--check", "--out", str(out)]) == 1
+    assert classifier_training.main(["--check", "--out", str(out)]) == 1
     assert "below" in capsys.readouterr().err
 
     # a meta that lies about the accuracy is caught
     save_classifier(model, out, {**meta, "test_accuracy": 0.95})
-    assert classifier.main(["--check", "--out", str(out)]) == 1
+    assert classifier_training.main(["--check", "--out", str(out)]) == 1
     assert "differs" in capsys.readouterr().err

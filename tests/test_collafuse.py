@@ -297,7 +297,7 @@ def test_a_reply_without_a_positive_integer_weight_is_dropped(tmp_path: Path) ->
 @pytest.mark.parametrize("loss", ["mse", "huber"])
 def test_withholding_the_target_leaks_it_through_the_loss_gradient(loss: str) -> None:
     """The variant where the client keeps ε and returns dL/dε̂: the server still solves for ε."""
-    from fedapp.eval.disclosure import target_from_loss_gradient
+    from scripts.collafuse_gradient_leak import target_from_loss_gradient
     diffusion = Diffusion(1000, loss=loss)  # type: ignore[arg-type]
     x0 = to_model_range(_images(8))
     x_t, t, eps = diffusion.noised(x0, (200, 1000), torch.Generator().manual_seed(3))
@@ -313,7 +313,7 @@ def test_withholding_the_target_leaks_it_through_the_loss_gradient(loss: str) ->
 
 
 def test_the_gradient_variant_audit_rebuilds_x0_with_mse() -> None:
-    from fedapp.eval.disclosure import gradient_variant_audit
+    from scripts.collafuse_gradient_leak import gradient_variant_audit
     x0 = to_model_range(_images(16))
     result = gradient_variant_audit(_tiny_unet(), Diffusion(1000, loss="mse"), x0, (200, 1000), batch_size=8)
     assert result["gradient-exact-fraction"] > 0.99

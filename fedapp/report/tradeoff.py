@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedapp.config import parse_config
-from fedapp.report.plots import plt
+from fedapp.report.figures import plt
 from fedapp.runs.rundir import read_jsonl
 
 COLUMNS: tuple[tuple[str, str], ...] = (

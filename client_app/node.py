@@ -1,0 +1,173 @@
+"""What a ClientApp's handlers share: this node's job, its partition, and the models it keeps on its disk.
+
+Private parts (ULatDec's and UDec's encoder, CollaFuse's whole client model) live under
+``<node-state-dir>/run-<first run id>/partition-<id>/``, so a restarted SuperNode finds them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from flwr.app import ArrayRecord, Context, Message
+
+from fedapp.config import FedConfig, parse_config
+from fedapp.data.share import LocalData, local_data
+from fedapp.eval.disclosure import similarity
+from fedapp.model.build import build_model
+from fedapp.model.unet import UNet, unet_parts
+from fedapp.protocol.keys import (
+    ARRAYS,
+    AUDIT_X0,
+    CONFIG,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    REPORT_PARTS,
+    STATE_RUN,
+    T_CUT,
+)
+from fedapp.protocol.methods import ALL_PARTS, parts_keys, private_parts
+from fedapp.protocol.records import (
+    decode_array,
+    load_record,
+)
+from fedapp.runs.node_state import (
+    load_node_file,
+    load_node_model,
+    node_dir,
+    state_root,
+)
+
+if TYPE_CHECKING:
+    from fedapp.eval.quality import QualityMeter
+
+
+def node_job(context: Context) -> tuple[FedConfig, int, int, LocalData]:
+    cfg = parse_config(context.run_config)
+    pid, num = node_partition(context.node_config, cfg.data.num_partitions)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    return cfg, pid, num, local_data(cfg.data, cfg.seed, pid, num)
+
+
+def node_partition(node_config: Mapping[str, object], configured: int) -> tuple[int, int]:
+    """This node's (partition-id, num-partitions); ``data.num-partitions`` fills in a missing count."""
+    if PARTITION_ID not in node_config:
+        raise KeyError(
+            "node config lacks 'partition-id': start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        )
+    pid = int(node_config[PARTITION_ID])  # type: ignore[call-overload]
+    given = int(node_config.get(NUM_PARTITIONS, 0))  # type: ignore[call-overload]
+    if given and configured and given != configured:
+        raise ValueError(
+            f"node config num-partitions = {given} but data.num-partitions = {configured}; make them agree"
+        )
+    num = given or configured
+    if not num:
+        raise KeyError("num-partitions is set neither in the node config nor in data.num-partitions")
+    return pid, num
+
+
+def report_parts(config: Mapping[str, object]) -> tuple[str, ...]:
+    """The parts the server asked for (all of them when it names none, as Full does)."""
+    raw = str(config.get(REPORT_PARTS, "") or "")
+    parts = tuple(p for p in raw.split(",") if p) or ALL_PARTS
+    unknown = [p for p in parts if p not in ALL_PARTS]
+    if unknown:
+        raise ValueError(f"server asked for unknown UNet parts {unknown}; known: {', '.join(ALL_PARTS)}")
+    return parts
+
+
+def state_dir(cfg: FedConfig, msg: Message, context: Context, pid: int) -> Path:
+    """This partition's state folder, under the run the server names (a resumed run names the first)."""
+    run_id = int(msg.content[CONFIG].get(STATE_RUN, context.run_id))  # type: ignore[call-overload]
+    return node_dir(state_root(cfg.train.node_state_dir), run_id, pid)
+
+
+def inject_fault(cfg: FedConfig, pid: int, server_round: int) -> None:
+    """``faults.*``: fail on purpose, so tests can show the round goes on without this client."""
+    if cfg.faults.hangs(pid, server_round):
+        time.sleep(cfg.faults.hang_seconds)
+    if cfg.faults.crashes(pid, server_round):
+        raise RuntimeError(f"injected fault: partition {pid} crashes in round {server_round} (faults.crash)")
+
+
+def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
+                   upto: int | None = None) -> tuple[UNet, Path]:
+    """The global arrays received, with this node's own saved parts where it keeps private ones.
+
+    Once a node has trained, its private parts come from its disk even if the server sends
+    them (as it does again after a lost reply or to a restarted SuperNode), so they are never
+    reset to the server's copy. ``upto``: the newest saved round it may start from.
+    """
+    model = build_model(cfg)
+    incoming = msg.content[ARRAYS]
+    directory = state_dir(cfg, msg, context, pid)
+    own = set(model.state_dict())
+    missing = own - set(incoming.keys())
+    keep = set(parts_keys(private_parts(cfg.strategy.name), unet_parts(model)))
+    saved = load_node_model(directory, upto) if (missing or keep) else None
+    if missing and saved is None:
+        raise RuntimeError(
+            f"node {context.node_id} received {len(incoming)} of {len(own)} arrays "
+            f"but has no saved model of its own in {directory}"
+        )
+    load_record(model, incoming, strict=not missing)
+    if saved is not None:
+        take = missing | keep
+        model.load_state_dict({k: v for k, v in saved["model"].items() if k in take}, strict=False)
+    return model, directory
+
+
+@lru_cache(maxsize=2)
+def quality_meter(cfg: FedConfig, device: torch.device) -> QualityMeter:
+    """One per process, so a ClientApp that serves many rounds loads its feature networks once.
+
+    Imported here: a deployed node starts a process per message, and only a personalized
+    client's evaluation on an eval round needs pytorch-fid and scipy.
+    """
+    from fedapp.eval.quality import QualityMeter
+    return QualityMeter(cfg, device)
+
+
+
+# ------------------------------------------------------------------------------------ CollaFuse
+AUDIT_FILE = "collafuse-audit.pt"
+
+
+def cut(cfg: FedConfig, msg: Message) -> int:
+    """t_c, which the server states in every message; both sides must have derived the same one."""
+    own = cfg.collafuse.cut(cfg.diffusion.timesteps)
+    sent = int(msg.content[CONFIG].get(T_CUT, own))  # type: ignore[call-overload]
+    if sent != own:
+        raise ValueError(f"server's cut t_c = {sent} but this node's config gives {own}; run configs differ")
+    return own
+
+
+def own_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
+              upto: int | None) -> tuple[UNet, Path, bool]:
+    """This client's private denoiser from its disk (the seeded initialization before its first round)."""
+    directory = state_dir(cfg, msg, context, pid)
+    model = build_model(cfg, seed=cfg.seed)
+    saved = load_node_model(directory, upto)
+    if saved is not None:
+        model.load_state_dict(saved["model"])  # type: ignore[arg-type]
+    return model, directory, saved is not None
+
+
+def audit_denoiser(directory: Path, arrays: ArrayRecord, audit_round: int) -> dict[str, float]:
+    """The server's own reconstruction of this client's last upload, scored against the real images."""
+    stored = load_node_file(directory, AUDIT_FILE)
+    if AUDIT_X0 not in arrays or stored is None or int(stored["round"]) != audit_round:  # type: ignore[call-overload]
+        return {}
+    rebuilt = decode_array(arrays[AUDIT_X0])
+    real: torch.Tensor = stored["x0"]  # type: ignore[assignment]
+    if rebuilt.shape != real.shape:
+        raise ValueError(f"server sent {tuple(rebuilt.shape)} reconstructions for {tuple(real.shape)} audit images")
+    return similarity(rebuilt, real, "audit-denoise")
+

@@ -1,0 +1,105 @@
+"""Every figure fedapp draws (matplotlib, no display needed): quality and communication per round,
+the last sample grids side by side, and the analytic cumulative communication (``fedapp comm``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.image as mpimg  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from fedapp.report.runs import DPI, PER_ROW, Metric, Run, comm_series, series  # noqa: E402
+
+# ---------------------------------------------------------------- figures
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_metric(runs: Sequence[Run], metric: Metric, path: Path) -> Path | None:
+    """One line per run, with a band where the std over the clients' models is known."""
+    curves = [(run, series(run, metric)) for run in runs]
+    curves = [(run, points) for run, points in curves if points]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run, points in curves:
+        xs = [p.round for p in points]
+        ys = [p.value for p in points]
+        (line,) = ax.plot(xs, ys, marker="o", ms=4, label=_legend(run, [r for r, _ in curves]))
+        if any(p.std is not None for p in points):
+            low = [p.value - p.std if p.std is not None else math.nan for p in points]
+            high = [p.value + p.std if p.std is not None else math.nan for p in points]
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric.title if len(metric.title) < 40 else metric.title.split(" (")[0])
+    ax.set_title(f"{metric.title}\nlower is better; band: ± std over the clients' models", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_comm(runs: Sequence[Run], path: Path) -> Path | None:
+    curves = [(run, comm_series(run)) for run in runs]
+    curves = [(run, points) for run, points in curves if points]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run, points in curves:
+        ax.plot([p.round for p in points], [p.params / 1e6 for p in points], marker="o", ms=4,
+                label=_legend(run, [r for r, _ in curves]))
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative parameters, down + up (millions)")
+    ax.set_title("cumulative training communication (evaluation traffic not included)", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_samples(grids: Sequence[tuple[Run, Path, int]], path: Path) -> Path | None:
+    """The last grid of every run in one figure, like FedDiffuse's Figure 5."""
+    if not grids:
+        return None
+    cols = min(len(grids), PER_ROW)
+    rows = math.ceil(len(grids) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 4.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (run, grid, rnd) in zip(axes.flat, grids):
+        image = mpimg.imread(grid)
+        gray = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if image.ndim == 2 else {}
+        ax.imshow(image, interpolation="nearest", **gray)
+        where = "all data" if run.is_baseline else run.partitioner
+        ax.set_title(f"{run.method} · {where}\n{run.name}, round {rnd}", fontsize=8)
+    return _save(fig, path)
+
+
+def _legend(run: Run, runs: Sequence[Run]) -> str:
+    """Method and partitioner, plus the run name only where two runs would share a label."""
+    shared = sum(r.label == run.label for r in runs) > 1
+    return f"{run.label} ({run.name})" if shared else run.label
+
+
+def plot_cumulative_comm(curves: Mapping[str, Sequence[float]], path: Path, title: str) -> Path:
+    """Cumulative parameters exchanged per method over rounds (FedDiffuse's Figure 4)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, values in curves.items():
+        ax.plot(range(1, len(values) + 1), [v / 1e6 for v in values], marker="o", ms=3, label=method)
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative parameters exchanged (millions)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(fig, path)
