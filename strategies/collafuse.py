@@ -174,7 +174,7 @@ class CollaFuse(FedappStrategy):
         total = sum(len(t) for _, t, _ in uploads.values())
         result = None
         if total:
-            nodes = sorted(uploads)
+            nodes = sorted(uploads, key=lambda n: (self.partition.get(n, -1), n))  # partition order, as by_node
             result = server_steps(
                 self.model, self.optimizer, self.diffusion,
                 torch.cat([uploads[n][0] for n in nodes]), torch.cat([uploads[n][1] for n in nodes]),
@@ -208,7 +208,8 @@ class CollaFuse(FedappStrategy):
         extra: dict[int, dict[str, int]] = {}
         server_steps_per_image, _ = chain_split(self.diffusion, self.t_cut, ev.sampler, ev.sampler_steps)
         for node in nodes:
-            server_seed, client_seed = sample_seeds(self.cfg.seed, server_round, node)
+            # by partition, not by Flower's node id (new every run), so a seeded run samples the same images
+            server_seed, client_seed = sample_seeds(self.cfg.seed, server_round, self.partition.get(node, node))
             record = ArrayRecord()
             if n:
                 started = time.perf_counter()

@@ -6,20 +6,35 @@ poisons the model, and ``num-examples`` is whatever the client claims.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
 from flwr.app import Message, RecordDict
 
+from fedapp.protocol.keys import PARTITION_ID
 from fedapp.protocol.records import decode_array
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def by_node(replies: Iterable[Message]) -> list[Message]:
-    """Replies in node order, not arrival order: float sums then do not depend on which client was
-    faster, so a run (and a resumed one) gives the same model bit for bit."""
-    return sorted(replies, key=lambda m: m.metadata.src_node_id)
+    """Replies in partition order (then node order), not arrival order: float sums then depend neither on
+    which client was faster nor on the node ids Flower draws anew each run, so a seeded run (and a
+    resumed one) gives the same model bit for bit."""
+    return sorted(replies, key=lambda m: (claimed_partition(m), m.metadata.src_node_id))
+
+
+def claimed_partition(reply: Message) -> int:
+    """The partition id a reply states, or -1 when it states none that reads as an integer (never raises)."""
+    try:
+        for record in reply.content.metric_records.values():
+            value = record.get(PARTITION_ID)
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                return int(value)
+    except Exception:  # noqa: BLE001 - an error reply or a malformed record only loses its place in the order
+        return -1
+    return -1
 
 
 def weight_problem(content: RecordDict, weighted_by_key: str, max_examples: int) -> str | None:

@@ -144,7 +144,7 @@ def test_split_inference_equals_both_models_back_to_back(tmp_path: Path, sampler
         node = reply.metadata.src_node_id
         client = build_model(cfg)
         client.load_state_dict(load_node_model(run.state_dir(node))["model"])  # type: ignore[index, arg-type]
-        server_seed, client_seed = sample_seeds(cfg.seed, 2, node)
+        server_seed, client_seed = sample_seeds(cfg.seed, 2, int(reply.content["metrics"]["partition-id"]))
         n = max(cfg.eval.metric_samples, cfg.eval.num_samples)
         expected = split_sample(server, client, diffusion, n, (1, 28, 28), 300, kind=sampler,  # type: ignore[arg-type]
                                 steps=cfg.eval.sampler_steps, server_seed=server_seed, client_seed=client_seed,

@@ -132,3 +132,20 @@ def test_udec_robust_median_per_part() -> None:
     assert arrays is not None
     for k in decoder:
         np.testing.assert_allclose(arrays[k].numpy(), record[k].numpy() + 0.01, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_replies_are_ordered_by_partition_not_by_flowers_node_ids() -> None:
+    """Node ids are drawn anew every run; the aggregation order (and so the float sums) must not follow them."""
+    from flwr.app import Error
+
+    from strategies.validation import by_node, claimed_partition
+
+    def reply(node: int, metrics: dict[str, object]) -> object:
+        return reply_from(node, RecordDict({"metrics": MetricRecord(metrics)}))  # type: ignore[arg-type]
+
+    replies = [reply(5, {"partition-id": 2}), reply(9, {"partition-id": 0}), reply(1, {"partition-id": 1}),
+               reply(7, {"num-examples": 3}), reply_from(3, error=Error(code=0, reason="crashed"))]
+    ordered = [m.metadata.src_node_id for m in by_node(replies)]  # type: ignore[arg-type]
+    assert ordered == [3, 7, 9, 1, 5]  # no stated partition first (by node id), then partitions 0, 1, 2
+    assert claimed_partition(reply(4, {"partition-id": float("nan")})) == -1  # type: ignore[arg-type]

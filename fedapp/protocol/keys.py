@@ -57,7 +57,10 @@ def eval_seed(seed: int, partition_id: int) -> int:
     return seed + 7 * partition_id
 
 
-def sample_seeds(seed: int, server_round: int, node_id: int) -> tuple[int, int]:
-    """(server, client) generator seeds of one node's split samples in one round."""
-    base = (seed * 1_000_003 + server_round * 10_007 + node_id) % (2**62)
+def sample_seeds(seed: int, server_round: int, partition_id: int) -> tuple[int, int]:
+    """(server, client) generator seeds of one client's split samples in one round.
+
+    Keyed by partition id: Flower's node ids are drawn anew in every run.
+    """
+    base = (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**62)
     return base, base + 1
