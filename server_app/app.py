@@ -79,7 +79,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         run_rounds(strategy, strategy_grid, model_to_record(model), first=point.round + 1 if point else 1,
                    last=cfg.train.rounds, timeout=cfg.strategy.round_timeout, min_nodes=cfg.strategy.min_nodes,
-                   node_timeout=cfg.strategy.node_timeout, evaluate_fn=recorder,
+                   node_timeout=cfg.strategy.node_timeout, evaluate_fn=recorder, metrics_fn=recorder.take_metrics,
                    config=ConfigRecord({STATE_RUN: state_run}))
     except NodesMissingError as err:
         raise _fail(err) from None

@@ -33,6 +33,7 @@ from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry
 from fedapp.runs.rundir import RunDir
 from fedapp.train.loop import pick_device
 from server_app.metering import MeteredGrid
+from strategies.validation import canonical_metrics, is_count
 
 
 class SplitServer(Protocol):
@@ -63,6 +64,7 @@ class RoundRecorder:
         self.clock = RoundClock()
         self.rows: list[Row] = []
         self.label_plot_done = False
+        self.strategy_metrics: dict[tuple[int, str], dict[str, object]] = {}
         self.meter = QualityMeter(cfg, self.device)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -71,8 +73,8 @@ class RoundRecorder:
             return None
         now = time.perf_counter()
         train = self._aggregate(server_round, MessageType.TRAIN)
-        if not train:
-            self._stop_without_updates(server_round)
+        if not train and not self.grid.round_metrics(server_round, MessageType.TRAIN):
+            self._stop_without_updates(server_round)  # replies that came but were dropped keep the model instead
         load_record(self.model, arrays)
         self._plot_labels_once(server_round)
         row = self.clock.new_row(server_round, now, train=train,
@@ -96,11 +98,20 @@ class RoundRecorder:
         return MetricRecord({"cum-down-bytes": cum["down_bytes"], "cum-up-bytes": cum["up_bytes"],
                              "cum-down-wire": cum["down_wire"], "cum-up-wire": cum["up_wire"]})
 
+    def take_metrics(self, server_round: int, message_type: str, metrics: MetricRecord | None) -> None:
+        """What the strategy aggregated from the replies it kept: the row reports these, not every reply."""
+        self.strategy_metrics[(server_round, message_type)] = dict(metrics or {})
+
     def _aggregate(self, server_round: int, message_type: str) -> dict[str, float]:
-        contents = self.grid.round_metrics(server_round, message_type)
+        if (server_round, message_type) in self.strategy_metrics:
+            merged = self.strategy_metrics.pop((server_round, message_type))
+            return {k: v for k, v in merged.items() if k not in IDENTIFIERS and isinstance(v, int | float)}
+        contents = [c for c in self.grid.round_metrics(server_round, message_type)
+                    if len(c.metric_records) == 1 and is_count(next(iter(c.metric_records.values())).get(NUM_EXAMPLES))]
+        personal = message_type == MessageType.EVALUATE and clients_own_models(self.cfg.strategy.name)
+        canonical_metrics(contents, common=not personal)
         if not contents:
             return {}
-        personal = message_type == MessageType.EVALUATE and clients_own_models(self.cfg.strategy.name)
         merged = (mean_std_over_clients if personal else aggregate_metricrecords)(contents, NUM_EXAMPLES)
         return {k: v for k, v in merged.items() if k not in IDENTIFIERS and not isinstance(v, list)}  # type: ignore[misc]
 
@@ -196,7 +207,8 @@ class RoundRecorder:
         reported = {
             int(m["metrics"][NUM_PARTITIONS])  # type: ignore[arg-type]
             for m in self.grid.round_metrics(server_round, MessageType.TRAIN)
-            if "metrics" in m and NUM_PARTITIONS in m["metrics"]
+            if "metrics" in m.metric_records and is_count(m["metrics"].get(NUM_PARTITIONS))
+            and m["metrics"][NUM_PARTITIONS] <= self.cfg.strategy.max_num_examples  # type: ignore[operator]
         }
         if not reported:
             return

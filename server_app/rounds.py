@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedapp.log import log
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+MetricsFn = Callable[[int, str, MetricRecord | None], None]  # (round, "train" | "evaluate", aggregated)
 
 
 class NodesMissingError(RuntimeError):
@@ -44,12 +45,14 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, server_round: int, p
 
 def run_rounds(strategy: FedAvg, grid: Grid, arrays: ArrayRecord, *, first: int, last: int, timeout: float,
                min_nodes: int, node_timeout: float, evaluate_fn: EvaluateFn,
-               config: ConfigRecord | None = None) -> ArrayRecord:
+               config: ConfigRecord | None = None, metrics_fn: MetricsFn | None = None) -> ArrayRecord:
     """Rounds ``first``..``last`` of ``strategy`` from the global ``arrays``; the final global arrays.
 
     ``evaluate_fn(0, arrays)`` runs only for a fresh run (``first == 1``), as in ``start``.
     ``config`` goes to every train and evaluate message (the strategy adds ``server-round``).
+    ``metrics_fn`` receives what the strategy aggregated from the replies it kept, before ``evaluate_fn``.
     """
+    take = metrics_fn or (lambda *_: None)
     if first == 1:
         evaluate_fn(0, arrays)
     for server_round in range(first, last + 1):
@@ -62,12 +65,14 @@ def run_rounds(strategy: FedAvg, grid: Grid, arrays: ArrayRecord, *, first: int,
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
+        take(server_round, "train", train_metrics)
         if train_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
         replies = grid.send_and_receive(
             messages=strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config or {})), grid),
             timeout=timeout)
         evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
+        take(server_round, "evaluate", evaluate_metrics)
         if evaluate_metrics is not None:
             log(INFO, "\t└──> Aggregated MetricRecord: %s", evaluate_metrics)
         evaluate_fn(server_round, arrays)

@@ -7,13 +7,17 @@ gives the server what a resume needs beyond the weights (``state()`` / ``restore
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from logging import WARNING
 from typing import Any
 
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedapp.log import log
+from fedapp.protocol.metrics import mean_std_over_clients
 from strategies.robust import Aggregation
+from strategies.validation import by_node, canonical_metrics, weight_problem
 
 StrategyState = dict[str, Any]  # plain Python values: torch.save'd in the round checkpoint
 
@@ -36,6 +40,28 @@ class FedappStrategy(FedAvg):
     def restore(self, state: StrategyState) -> None:
         """Take back what :meth:`state` gave, from a round checkpoint."""
         del state
+
+    def valid_evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The evaluate replies that hold one MetricRecord with a usable weight, their metrics made
+        consistent; the others are dropped with their reason (Flower would end the run on them)."""
+        answered, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        valid = []
+        for reply in by_node(answered):
+            problem = weight_problem(reply.content, self.weighted_by_key, self.max_num_examples)
+            if problem:
+                log(WARNING, "dropping evaluate reply from node %d in round %d: %s",
+                    reply.metadata.src_node_id, server_round, problem)
+            else:
+                valid.append(reply)
+        canonical_metrics([m.content for m in valid], common=self.evaluate_metrics_aggr_fn is not mean_std_over_clients)
+        return valid
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid = self.valid_evaluate_replies(server_round, replies)
+        if not valid:
+            return None
+        return self.evaluate_metrics_aggr_fn([RecordDict(dict(m.content.metric_records)) for m in valid],
+                                             self.weighted_by_key)
 
     def too_few_valid(self, server_round: int, answered: int, valid: int) -> bool:
         """True (and logged) when replies came but fewer than ``min-valid-replies`` passed the checks."""

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from fedapp.config import FedConfig
 from fedapp.data.pixels import image_shape, to_model_range
 from fedapp.eval.disclosure import denoiser_reconstruction
+from fedapp.files import one_line
 from fedapp.log import log
 from fedapp.model.build import build_diffusion, build_model
 from fedapp.protocol.keys import (
@@ -45,11 +46,11 @@ from fedapp.protocol.keys import (
 )
 from fedapp.protocol.metrics import mean_std_over_clients
 from fedapp.protocol.records import (
-    decode_array,
+    ArrayProblem,
+    decode_checked,
     encode_tensor,
     load_record,
     model_to_record,
-    upload_from_record,
 )
 from fedapp.train.collafuse import (
     chain_split,
@@ -58,7 +59,7 @@ from fedapp.train.collafuse import (
 )
 from fedapp.train.loop import pick_device
 from strategies.base import FedappStrategy, StrategyState
-from strategies.validation import by_node, weight_problem
+from strategies.validation import by_node, canonical_metrics, weight_problem
 
 TRAIN_ACTION = COLLAFUSE_TRAIN
 Triples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x_t, t, target) as received
@@ -129,8 +130,14 @@ class CollaFuse(FedappStrategy):
         record = content.array_records[UPLOAD]
         if set(record.keys()) != set(UPLOAD_KEYS):
             return f"upload holds {sorted(record.keys())}, expected {sorted(UPLOAD_KEYS)}", None
-        x_t, t, target = upload_from_record(record)
-        n = len(t)
+        decoded: list[torch.Tensor] = []
+        for key in UPLOAD_KEYS:
+            try:
+                decoded.append(decode_checked(record[key], None, floats=key != "t"))
+            except ArrayProblem as err:
+                return f"upload array {key!r}: {err}", None
+        x_t, t, target = decoded
+        n = len(t) if t.dim() else 0
         if t.dtype != torch.int64 or t.dim() != 1:
             return f"t must be a 1-d int64 array, got {t.dtype} of shape {tuple(t.shape)}", None
         for name, tensor in (("x-t", x_t), ("target", target)):
@@ -161,6 +168,7 @@ class CollaFuse(FedappStrategy):
                 uploads[reply.metadata.src_node_id] = triples
         if not good:
             return None, None
+        canonical_metrics([m.content for m in good])
         for reply in good:
             node = reply.metadata.src_node_id
             metrics = reply.content.metric_records[next(iter(reply.content.metric_records))]
@@ -231,7 +239,7 @@ class CollaFuse(FedappStrategy):
         return self._messages(nodes, EVALUATE_ACTION, config, per_node, extra)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        valid = self.valid_evaluate_replies(server_round, replies)
         _, client_steps_per_image = chain_split(self.diffusion, self.t_cut, self.cfg.eval.sampler,
                                                 self.cfg.eval.sampler_steps)
         for reply in valid:
@@ -242,8 +250,12 @@ class CollaFuse(FedappStrategy):
             row["infer-client-seconds"] += float(metrics.get("infer-seconds", 0.0))  # type: ignore[arg-type]
             row["infer-client-steps"] += images * client_steps_per_image
             if SAMPLES in reply.content.array_records:
-                grid = decode_array(reply.content[SAMPLES][IMAGES])
-                if grid.dtype == torch.uint8 and tuple(grid.shape[1:]) == self.shape:
+                try:
+                    grid = decode_checked(reply.content[SAMPLES][IMAGES], None, floats=False)
+                except (ArrayProblem, KeyError) as err:
+                    log(WARNING, "ignoring the samples of node %d: %s", reply.metadata.src_node_id, one_line(err))
+                    continue
+                if grid.dtype == torch.uint8 and grid.dim() == 4 and tuple(grid.shape[1:]) == self.shape:
                     self.samples.setdefault(server_round, {})[pid] = to_model_range(grid)
         if not valid:
             return None

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 from fedapp.log import log
 from strategies.base import FedappStrategy
 from strategies.robust import robust_record
-from strategies.validation import by_node, reply_problem
+from strategies.validation import by_node, canonical_metrics, canonical_reply, check_reply
 
 
 class Full(FedappStrategy):
@@ -41,6 +41,7 @@ class Full(FedappStrategy):
         valid = len([m for m in kept if not m.has_error()])
         if self.too_few_valid(server_round, len(answered), valid):
             return None, None
+        canonical_metrics([m.content for m in kept if not m.has_error()])
         if self.aggregation == "mean":
             return super().aggregate_train(server_round, kept)
         good, _ = self._check_and_log_replies(kept, is_train=True)
@@ -59,8 +60,11 @@ class Full(FedappStrategy):
         return {}
 
     def _valid(self, reply: Message, shapes: dict[str, tuple[int, ...]]) -> bool:
-        problem = reply_problem(reply.content, shapes, arrays_key=self.arrayrecord_key,
-                                weighted_by_key=self.weighted_by_key, max_examples=self.max_num_examples)
+        """Checked on its decoded bytes; a valid reply is then made to hold exactly what passed."""
+        problem, tensors = check_reply(reply.content, shapes, arrays_key=self.arrayrecord_key,
+                                       weighted_by_key=self.weighted_by_key, max_examples=self.max_num_examples)
         if problem:
             log(WARNING, "dropping reply from node %d: %s", reply.metadata.src_node_id, problem)
-        return problem is None
+            return False
+        canonical_reply(reply.content, self.arrayrecord_key, tensors)
+        return True

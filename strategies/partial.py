@@ -23,7 +23,7 @@ from fedapp.protocol.methods import ALL_PARTS, SHARED_PARTS, is_personalized, pa
 from fedapp.protocol.metrics import mean_std_over_clients
 from strategies.base import FedappStrategy, StrategyState
 from strategies.robust import robust_record
-from strategies.validation import by_node, reply_problem
+from strategies.validation import by_node, canonical_metrics, canonical_reply, check_reply
 
 
 class PartFedAvg(FedappStrategy):
@@ -89,6 +89,7 @@ class PartFedAvg(FedappStrategy):
             return None, None
         if not good or self._global is None:
             return None, None
+        canonical_metrics([m.content for m in good])
         merged = {k: v for k, v in self._global.items()}
         for part in ALL_PARTS:
             reporters = [m for m in good if part in self.tasks[m.metadata.src_node_id]]
@@ -117,13 +118,18 @@ class PartFedAvg(FedappStrategy):
         return problem is None
 
     def _task_problem(self, node: int, content: RecordDict) -> str | None:
+        """Checked on its decoded bytes; a valid reply is then made to hold exactly what passed."""
         if node not in self.tasks:
             return "the node had no task this round"
-        assert self._global is not None
+        if self._global is None:
+            return "no round was configured"
         expected = {k: tuple(self._global[k].shape) for k in parts_keys(self.tasks[node], self._keys)}
-        problem = reply_problem(content, expected, arrays_key=self.arrayrecord_key,
-                                weighted_by_key=self.weighted_by_key, max_examples=self.max_num_examples)
-        return f"{problem} (task {'+'.join(self.tasks[node])})" if problem else None
+        problem, tensors = check_reply(content, expected, arrays_key=self.arrayrecord_key,
+                                       weighted_by_key=self.weighted_by_key, max_examples=self.max_num_examples)
+        if problem:
+            return f"{problem} (task {'+'.join(self.tasks[node])})"
+        canonical_reply(content, self.arrayrecord_key, tensors)
+        return None
 
 
 class USplit(PartFedAvg):

@@ -23,7 +23,7 @@ GOOD = {11: 10, 22: 30}  # node -> num-examples
 
 
 def _reply(node: int, arrays: dict[str, np.ndarray], examples: int | float = 10) -> object:
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+    content = RecordDict({"arrays": ArrayRecord({k: v if isinstance(v, Array) else Array(v) for k, v in arrays.items()}),
                           "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})})
     return reply_from(node, content)
 
@@ -47,7 +47,23 @@ def _faults(base: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray
         ("missing key", missing, 10),
         ("extra key", {**base, "extra.weight": np.zeros(3, np.float32)}, 10),
         ("1e12 examples", base, 10**12),
+        ("NaN examples", base, float("nan")),
+        ("Inf examples", base, float("inf")),
+        ("negative examples", base, -5),
+        ("zero examples", base, 0),
+        ("fractional examples", base, 2.5),
+        # the bytes disagree with the metadata, which claims the right dtype and shape
+        ("bytes of another shape", changed(first, _lying(base[first], np.zeros((2, *base[first].shape), np.float32))), 10),
+        ("bytes of another dtype", changed(first, _lying(base[first], base[first].astype(np.float64))), 10),
+        ("unknown stype", changed(first, Array("float32", base[first].shape, "pickle", Array(base[first]).data)), 10),
+        ("garbage bytes", changed(first, Array("float32", base[first].shape, "numpy.ndarray", b"\x93NUMPY garbage")), 10),
+        ("short bfloat16 data", changed(first, Array("bfloat16", base[first].shape, "fedapp.raw-bfloat16", b"\0\0")), 10),
     ]
+
+
+def _lying(claimed: np.ndarray, held: np.ndarray) -> Array:
+    """An Array whose metadata describes ``claimed`` but whose bytes are ``held``."""
+    return Array(str(claimed.dtype), tuple(claimed.shape), "numpy.ndarray", Array(held).data)
 
 
 def _check(strategy: object, server_round: int, good: dict[int, dict[str, np.ndarray]],
@@ -56,6 +72,8 @@ def _check(strategy: object, server_round: int, good: dict[int, dict[str, np.nda
     good_replies = [_reply(node, arrays, GOOD[node]) for node, arrays in good.items()]
     arrays, _ = strategy.aggregate_train(server_round, [*bad[:4], *good_replies, *bad[4:]])  # type: ignore[attr-defined]
     assert arrays is not None
+    assert {k: (tuple(arrays[k].shape), arrays[k].dtype) for k in base} == {
+        k: (tuple(v.shape), "float32") for k, v in base.items()}, "a client changed the model's shapes or dtypes"
     total = sum(GOOD.values())
     for key in base:
         got = arrays[key].numpy()

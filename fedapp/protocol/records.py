@@ -8,6 +8,8 @@ as their raw bytes under a stype of our own; only :func:`decode_record` reads th
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Iterable, Mapping
 from typing import get_args
 
@@ -18,6 +20,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from torch import nn
 
 from fedapp.config import TransportDtype
+from fedapp.files import one_line
 from fedapp.protocol.keys import UPLOAD_KEYS
 from fedapp.train.collafuse import Upload
 
@@ -43,6 +46,61 @@ def decode_array(array: Array) -> torch.Tensor:
         return torch.from_numpy(ints.copy()).view(torch.bfloat16).float()
     tensor = torch.from_numpy(array.numpy())
     return tensor.float() if tensor.is_floating_point() else tensor
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what a model array may arrive as
+NUMPY_STYPE = "numpy.ndarray"  # Flower's stype for np.save'd bytes
+
+
+class ArrayProblem(ValueError):
+    """A received array that cannot be used; its message is one line naming what is wrong."""
+
+
+def decode_checked(array: object, shape: tuple[int, ...] | None = None, *, floats: bool = True) -> torch.Tensor:
+    """Decode a received array and check that its bytes hold what its metadata and the receiver say.
+
+    The metadata (dtype, shape) is the sender's claim and so are the bytes: both are checked, the
+    decoded tensor's shape, dtype and element count against the metadata and against ``shape``.
+    Floats come back widened to float32 and must be finite. Anything else raises ArrayProblem.
+    """
+    try:
+        stype, dtype, data = str(array.stype), str(array.dtype), bytes(array.data)  # type: ignore[attr-defined]
+        claimed = tuple(int(d) for d in array.shape)  # type: ignore[attr-defined]
+    except Exception as err:  # noqa: BLE001 - whatever a client sent, the answer is one line
+        raise ArrayProblem(f"not a readable array ({one_line(err, with_type=True)})") from None
+    if shape is not None and claimed != tuple(shape):
+        raise ArrayProblem(f"shape {claimed}, expected {tuple(shape)}")
+    if floats and dtype not in FLOAT_DTYPES:
+        raise ArrayProblem(f"dtype {dtype}, expected one of {', '.join(FLOAT_DTYPES)}")
+    if any(d < 0 for d in claimed):
+        raise ArrayProblem(f"negative dimension in shape {claimed}")
+    if stype == RAW_BF16:
+        count = math.prod(claimed)
+        if dtype != "bfloat16" or len(data) != 2 * count:
+            raise ArrayProblem(f"{len(data)} bytes of {dtype} for shape {claimed}, expected {2 * count} of bfloat16")
+        tensor = torch.from_numpy(np.frombuffer(data, dtype=np.int16).reshape(claimed).copy()).view(torch.bfloat16)
+    elif stype == NUMPY_STYPE:
+        try:
+            held = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as err:  # noqa: BLE001
+            raise ArrayProblem(f"bytes are not a numpy array ({one_line(err, with_type=True)})") from None
+        if not isinstance(held, np.ndarray):
+            raise ArrayProblem(f"bytes hold a {type(held).__name__}, not one array")
+        if tuple(held.shape) != claimed or str(held.dtype) != dtype:
+            raise ArrayProblem(f"bytes hold {held.dtype} {tuple(held.shape)} but the metadata says {dtype} {claimed}")
+        try:
+            tensor = torch.from_numpy(np.ascontiguousarray(held))
+        except TypeError as err:
+            raise ArrayProblem(f"dtype {held.dtype} has no tensor type ({one_line(err)})") from None
+    else:
+        raise ArrayProblem(f"unknown stype {stype[:40]!r}")
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+        if floats and not bool(torch.isfinite(tensor).all()):
+            raise ArrayProblem("holds NaN or Inf")
+    elif floats:
+        raise ArrayProblem(f"bytes hold {tensor.dtype}, expected a float")
+    return tensor
 
 
 def encode_state(state: Mapping[str, torch.Tensor], dtype: TransportDtype = "float32") -> ArrayRecord:
