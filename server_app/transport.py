@@ -44,7 +44,10 @@ class TransportGrid(GridWrapper):
             for key, record in list(reply.content.array_records.items()):
                 # Only the agreed narrow type is widened: anything else reaches the strategy as sent.
                 if record_dtypes(record) == {self.dtype}:
-                    reply.content[key] = recast_record(record, "float32")
+                    try:
+                        reply.content[key] = recast_record(record, "float32")
+                    except Exception:  # noqa: BLE001 - bytes that do not decode: the strategy drops it, with why
+                        continue
         return replies
 
 
