@@ -122,7 +122,7 @@ class CollaFuse(FedappStrategy):
 
     def _checked_upload(self, content: RecordDict) -> tuple[str | None, Triples | None]:
         """(problem, None) for a bad reply, (None, its decoded triples) for a good one."""
-        problem = weight_problem(content, self.weighted_by_key, self.cfg.strategy.max_num_examples)
+        problem = weight_problem(content, self.weighted_by_key, self.max_num_examples)
         if problem:
             return problem, None
         if set(content.array_records) != {UPLOAD}:

@@ -41,11 +41,7 @@ def encode_tensor(tensor: torch.Tensor, dtype: TransportDtype = "float32") -> Ar
 
 def decode_array(array: Array) -> torch.Tensor:
     """The array as a tensor, floating values widened to float32 (the training and averaging type)."""
-    if array.stype == RAW_BF16:
-        ints = np.frombuffer(array.data, dtype=np.int16).reshape(array.shape)
-        return torch.from_numpy(ints.copy()).view(torch.bfloat16).float()
-    tensor = torch.from_numpy(array.numpy())
-    return tensor.float() if tensor.is_floating_point() else tensor
+    return decode_checked(array, floats=False)
 
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what a model array may arrive as
@@ -182,10 +178,3 @@ def upload_to_record(upload: Upload, dtype: TransportDtype = "float32") -> Array
     x_t, t, target = UPLOAD_KEYS
     return ArrayRecord({x_t: encode_tensor(upload.x_t, dtype), t: encode_tensor(upload.t),
                         target: encode_tensor(upload.target, dtype)})
-
-
-def upload_from_record(record: ArrayRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, target) as the server holds them: floats widened to float32."""
-    arrays = decode_record(record)
-    x_t, t, target = (arrays[key] for key in UPLOAD_KEYS)
-    return x_t, t, target
