@@ -8,6 +8,10 @@ The apps and strategies sit above all of it; ``fedapp`` never imports them.
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+
+import pytest
 
 from fedapp.deploy.simulation import REPO
 
@@ -97,3 +101,15 @@ def test_no_sys_path_edits_anywhere() -> None:
                                                           "tests", "bench", "scripts")
                  for p in (REPO / folder).rglob("*.py") if any(edit in p.read_text() for edit in edits)]
     assert offenders == [], offenders
+
+
+def test_no_source_file_is_ignored_by_git() -> None:
+    """A source file git ignores never reaches a clean clone (``runs/`` once hid ``fedapp/runs/rows.py``)."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    sources = [str(p.relative_to(REPO)) for top in ("fedapp", "client_app", "server_app", "strategies", "tests",
+                                                    "bench", "scripts") for p in (REPO / top).rglob("*.py")
+               if "__pycache__" not in p.parts]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *sources], cwd=REPO, capture_output=True,
+                             text=True).stdout.split()
+    assert not ignored, f"git ignores these source files; fix .gitignore: {ignored}"
