@@ -3,13 +3,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-# `flwr run` starts the local SuperLink as `flower-superlink`, found on PATH: put the venv first.
-export PATH := $(abspath $(BIN)):$(PATH)
 CLIENTS ?= 5
-# Flower's own home for this project, so a user's ~/.flwr is left alone.
-export FLWR_HOME ?= $(CURDIR)/.flwr
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 RUN_CONFIG ?= output.dir="$(CURDIR)/runs"
+# `fedapp run` is `flwr run` with a Flower home in .flwr/, a SuperLink on ports of its own (stopped
+# afterwards; flower-superlink is started from this venv) and an exit code that says whether every
+# round finished (flwr run exits 0 whatever became of the run).
 
 .PHONY: install run run-paper test test-fast bench clean
 
@@ -24,14 +22,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 run: install
-	$(BIN)/flwr run . --stream \
-	  --federation-config "num-supernodes=$(CLIENTS)" \
-	  --run-config '$(RUN_CONFIG)'
+	$(BIN)/fedapp run --clients $(CLIENTS) --run-config '$(RUN_CONFIG)'
 
 # The paper's Fashion-MNIST setup; meant for a GPU shared by the 5 ClientApps.
 run-paper: install
-	$(BIN)/flwr run . --stream --run-config conf/paper-fmnist.toml \
-	  --federation-config "num-supernodes=5 client-resources-num-cpus=2 client-resources-num-gpus=0.2"
+	$(BIN)/fedapp run --clients 5 --run-config conf/paper-fmnist.toml \
+	  --resources "client-resources-num-cpus=2 client-resources-num-gpus=0.2"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -150,18 +150,25 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    """A local simulation (or a run on ``--connection``) that exits non-zero unless the run finished."""
+    from fedapp.deploy.simulation import launch
+
+    clients = f"num-supernodes={args.clients}" if args.clients and not args.connection else ""
+    federation = " ".join(filter(None, [clients, args.resources]))
+    return launch(args.app.resolve(), args.run_config, args.flwr_args, federation, args.connection)
+
+
 def _resume(args: argparse.Namespace) -> int:
     """Check the run and its newest checkpoint here, then hand the saved config back to ``flwr run``."""
-    import shutil
-    import subprocess
     import tempfile
     import tomllib
 
     import tomli_w
 
     from fedapp.config import parse_config
+    from fedapp.deploy.simulation import launch
     from fedapp.runs.resume import load_resume_point
-    from fedapp.runs.rundir import read_jsonl
 
     run = args.run.expanduser().resolve()
     config = run / "config.toml"
@@ -178,19 +185,10 @@ def _resume(args: argparse.Namespace) -> int:
     point = load_resume_point(parse_config(cfg.flat()))  # the server checks again; failing here is cheaper
     print(f"resuming {run.name} after round {point.round} of {cfg.train.rounds} ({point.checkpoint.name})",
           flush=True)
-    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
     with tempfile.TemporaryDirectory(prefix="fedapp-resume-") as tmp:
         run_config = Path(tmp) / "run-config.toml"
         run_config.write_text(tomli_w.dumps(cfg.model_dump(by_alias=True)))
-        command = [flwr, "run", str(args.app), *([args.connection] if args.connection else []), "--stream",
-                   "--run-config", str(run_config), *args.flwr_args]
-        code = subprocess.call(command)
-    rounds = [int(row["round"]) for row in read_jsonl(run / "metrics.jsonl")] if (run / "metrics.jsonl").exists() else []
-    if code == 0 and rounds[-1:] != [cfg.train.rounds]:
-        print(f"fedapp resume: flwr run ended but {run.name} reached round {max(rounds, default=0)} of "
-              f"{cfg.train.rounds}; see the log above", file=sys.stderr)
-        return 1
-    return code
+        return launch(args.app.resolve(), [str(run_config)], args.flwr_args, connection=args.connection)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -259,15 +257,32 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--app", type=Path, default=Path("."), help="the app folder (default: .)")
     resume.add_argument("--connection", default="",
                         help="flwr connection, e.g. a deployment's (default: flwr's default)")
-    resume.add_argument("flwr_args", nargs="*", help="passed on to flwr run")
-    resume.set_defaults(func=_resume)
+    resume.set_defaults(func=_resume, flwr_args=[])
+
+    run = sub.add_parser("run", help="flwr run with a SuperLink of its own; exit 1 unless every round finished",
+                         epilog="Arguments after -- go to flwr run as they are.")
+    run.add_argument("--clients", type=int, default=5, help="num-supernodes of a local simulation (0: the federation's own)")
+    run.add_argument("--resources", default="",
+                     help="more federation config, e.g. 'client-resources-num-cpus=2 client-resources-num-gpus=0.2'")
+    run.add_argument("--run-config", action="append", default=[], metavar="CONFIG",
+                     help="'key=value ...' or a TOML file, as for flwr run (repeatable)")
+    run.add_argument("--app", type=Path, default=Path("."), help="the app folder (default: .)")
+    run.add_argument("--connection", default="", help="a flwr connection (default: a local simulation)")
+    run.set_defaults(func=_run, flwr_args=[])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from fedapp.data.sources import DatasetNotFoundError
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = build_parser()
+    args = parser.parse_args(argv[:len(argv) - len(rest) - 1] if "--" in argv else argv)
+    if rest and not hasattr(args, "flwr_args"):
+        parser.error(f"fedapp {args.command} takes no arguments after --")
+    if hasattr(args, "flwr_args"):
+        args.flwr_args = rest
     try:
         return int(args.func(args))
     except (OSError, ValueError, DatasetNotFoundError) as err:

@@ -14,9 +14,9 @@ setup="$setup eval.every=0 eval.metric-samples=0 output.progress=false"
 for method in full usplit ulatdec udec; do
   name="k$clients-r$rounds-$method"
   rm -rf "${out:?}/$name"
-  flwr run . --stream --federation-config "num-supernodes=$clients client-resources-num-cpus=1" \
-    --run-config "strategy.name=\"$method\" output.dir=\"$out\" output.name=\"$name\" $setup" > "$out/$name.log" 2>&1
-  [ -f "$out/$name/final.pt" ] || { echo "$name: FAILED, see $out/$name.log"; exit 1; }
+  fedapp run --clients "$clients" --resources "client-resources-num-cpus=1" \
+    --run-config "strategy.name=\"$method\" output.dir=\"$out\" output.name=\"$name\" $setup" \
+    > "$out/$name.log" 2>&1 || { echo "$name: FAILED, see $out/$name.log"; exit 1; }
 done
 fedapp comm --clients "$clients" --rounds "$rounds"
 fedapp comm --check "$out"/k"$clients"-r"$rounds"-*/

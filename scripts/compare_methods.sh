@@ -6,8 +6,8 @@ out=$(realpath -m "${1:?usage: $0 OUT_DIR [extra run-config]}")
 extra=${2:-}
 source "$(dirname "$0")/flwr_env.sh"
 for method in full usplit ulatdec udec; do
-  flwr run . --stream --federation-config "num-supernodes=5" \
+  fedapp run --clients 5 \
     --run-config "strategy.name=\"$method\" output.dir=\"$out\" output.name=\"$method\" output.progress=false $extra" \
-    > "$out-$method.log" 2>&1
-  echo "$method: $(grep -c '"round"' "$out/$method/metrics.jsonl" 2>/dev/null || echo 0) rounds recorded"
+    > "$out-$method.log" 2>&1 || { echo "$method: FAILED, see $out-$method.log"; exit 1; }
+  echo "$method: done"
 done

@@ -1,8 +1,9 @@
 # Sourced by the run scripts: the repo root as working directory, a private Flower home, this venv.
+# `fedapp run` is `flwr run` with a SuperLink on ports of its own (stopped afterwards) that exits
+# non-zero unless the run logged every round and wrote final.pt.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export PATH="$PWD/.venv/bin:$PATH"  # flwr starts flower-superlink from PATH
+export PATH="$PWD/.venv/bin:$PATH"
 
 # run_once OUT NAME SUPERNODES RUN_CONFIG: one `flwr run` into OUT/NAME, logged to OUT/NAME.log; a run
 # that finished before (its final.pt exists) is skipped, and a failed one stops the script.
@@ -11,8 +12,7 @@ run_once() {
   if [ -f "$out/$name/final.pt" ]; then echo "$name: done before"; return 0; fi
   rm -rf "${out:?}/$name"
   start=$(date +%s)
-  flwr run . --stream --federation-config "num-supernodes=$nodes" \
-    --run-config "output.dir=\"$out\" output.name=\"$name\" $config" > "$out/$name.log" 2>&1 || true
-  if [ ! -f "$out/$name/final.pt" ]; then echo "$name: FAILED, see $out/$name.log"; exit 1; fi
+  fedapp run --clients "$nodes" --run-config "output.dir=\"$out\" output.name=\"$name\" $config" \
+    > "$out/$name.log" 2>&1 || { echo "$name: FAILED, see $out/$name.log"; exit 1; }
   echo "$name: $(( $(date +%s) - start )) s"
 }

@@ -30,8 +30,8 @@ with open(f"{out}/conf/{name}.toml", "wb") as f:
     tomli_w.dump(cfg, f)
 PY
   start=$(date +%s)
-  flwr run . --stream --run-config "$out/conf/$name.toml" --federation-config "$federation" > "$out/$name.log" 2>&1
-  if [ ! -f "$out/$name/final.pt" ]; then echo "$name: FAILED, see $out/$name.log"; exit 1; fi
+  fedapp run --clients 0 --resources "$federation" --run-config "$out/conf/$name.toml" > "$out/$name.log" 2>&1 \
+    || { echo "$name: FAILED, see $out/$name.log"; exit 1; }
   echo "$name: $(( $(date +%s) - start )) s"
 done
 fedapp report "${runs[@]/#/$out/}" --out "$out/report"

@@ -17,7 +17,7 @@ from fedapp.protocol.methods import clients_own_models
 from fedapp.protocol.records import model_to_record
 from fedapp.runs.checkpoint import save_checkpoint
 from fedapp.runs.resume import ResumePoint, load_resume_point, rng_state, set_rng_state
-from fedapp.runs.rundir import RunDir
+from fedapp.runs.rundir import RUN_DIR_LINE, RunDir
 from server_app.centralized import run_centralized
 from server_app.recorder import RoundRecorder
 from server_app.rounds import NodesMissingError, run_rounds
@@ -51,8 +51,7 @@ def _start(context: Context) -> tuple[FedConfig, RunDir, ResumePoint | None]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, run, point = _start(context)
-    log(INFO, "fedapp run directory: %s", run.path)
-    print(f"fedapp run directory: {run.path}", flush=True)
+    log(INFO, "%s%s", RUN_DIR_LINE, run.path)
 
     if cfg.strategy.name == "centralized":
         num = cfg.data.num_partitions or len(grid.get_node_ids())

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
+from logging import WARNING
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
+from fedapp.log import log
 from fedapp.protocol.comm import CommLedger
 from fedapp.protocol.keys import SERVER_ROUND
 from server_app.grid_wrapper import GridWrapper
@@ -17,6 +21,8 @@ class MeteredGrid(GridWrapper):
 
     Downloads are metered as sent, uploads as received, both attributed to the round
     named in the outgoing ConfigRecord's ``server-round`` (the last one seen otherwise).
+    A reply is attributed to the node its message went to: the error replies the SuperLink
+    writes itself (a node gone, a message expired) come from node 1, the SuperLink.
     """
 
     def __init__(self, inner: Grid, ledger: CommLedger) -> None:
@@ -26,8 +32,19 @@ class MeteredGrid(GridWrapper):
         # Only the metrics of replies are kept: arrays would pile up over the rounds.
         self.metrics: dict[tuple[int, str], list[RecordDict]] = defaultdict(list)
         self.errors: dict[tuple[int, str], list[tuple[int, str]]] = defaultdict(list)
+        self.sent: list[Message] = []  # their ids are set when they are pushed
+        self.destination: dict[str, int] = {}
+
+    def _node(self, reply: Message) -> int:
+        """The node a reply answers for, also when the SuperLink wrote it."""
+        if reply.metadata.src_node_id != SUPERLINK_NODE_ID:
+            return reply.metadata.src_node_id
+        self.destination.update({m.metadata.message_id: m.metadata.dst_node_id for m in self.sent})
+        self.sent.clear()
+        return self.destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def outgoing(self, messages: list[Message]) -> list[Message]:
+        self.sent += messages
         for msg in messages:
             for record in msg.content.config_records.values():
                 if SERVER_ROUND in record:
@@ -39,13 +56,27 @@ class MeteredGrid(GridWrapper):
     def incoming(self, replies: list[Message]) -> list[Message]:
         for reply in replies:
             content = None if reply.has_error() else reply.content
-            self.ledger.add(self.current_round, reply.metadata.src_node_id, "up",
-                            reply.metadata.message_type, content)
+            node = self._node(reply)
+            self.ledger.add(self.current_round, node, "up", reply.metadata.message_type, content)
             key = (self.current_round, reply.metadata.message_type.split(".")[0])  # named actions too
             if content is not None:
                 self.metrics[key].append(RecordDict(dict(content.metric_records)))
             else:
-                self.errors[key].append((reply.metadata.src_node_id, reply.error.reason))
+                self.errors[key].append((node, reply.error.reason))
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> Iterable[Message]:
+        """As the inner Grid's; a node whose reply did not come within ``timeout`` is named in the log."""
+        messages = list(messages)
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        answered = {reply.metadata.reply_to_message_id for reply in replies}
+        for msg in messages if timeout is not None else []:
+            if msg.metadata.message_id not in answered:
+                kind = msg.metadata.message_type.split(".")[0]
+                reason = f"no reply within strategy.round-timeout = {timeout:g} s"
+                log(WARNING, "round %d: node %d dropped from the %s phase: %s", self.current_round,
+                    msg.metadata.dst_node_id, kind, reason)
+                self.errors[(self.current_round, kind)].append((msg.metadata.dst_node_id, reason))
         return replies
 
     def round_metrics(self, server_round: int, message_type: str) -> list[RecordDict]:

@@ -1,11 +1,48 @@
-"""Shared fixtures."""
+"""Shared fixtures, the Fashion-MNIST stand-in, and the loud line about tests that need the real data."""
 
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedapp.data.sources import DEBIAN_FASHION_MNIST_DIR
 from tests.support.mocks import RUN_ID
+from tests.support.standin import have_fashion_mnist, write_standin
+
+STANDIN: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """No Fashion-MNIST where fedapp looks: write the stand-in, for this process and every one it starts."""
+    global STANDIN
+    if have_fashion_mnist():
+        return
+    root = Path(tempfile.mkdtemp(prefix="fedapp-fmnist-standin-"))
+    write_standin(root / "FashionMNIST" / "raw")
+    os.environ["FEDAPP_DATA_DIR"] = str(root)  # the default cache dir: looked at first, subprocesses inherit it
+    STANDIN = root
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if STANDIN is None:
+        return None
+    return (f"Fashion-MNIST: not in {DEBIAN_FASHION_MNIST_DIR}; the tests use a stand-in set in {STANDIN}, "
+            "and the tests that need the real images skip")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.support.markers import REAL_FMNIST_REASON
+
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if REAL_FMNIST_REASON in str(getattr(r, "longrepr", ""))]
+    if skipped:
+        names = ", ".join(r.nodeid.split("::")[-1] for r in skipped)
+        terminalreporter.write_sep("!", f"{len(skipped)} TESTS SKIPPED, they {REAL_FMNIST_REASON}: {names}",
+                                   red=True, bold=True)
 
 
 @pytest.fixture

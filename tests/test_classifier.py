@@ -23,7 +23,7 @@ from fedapp.eval.classifier import (
     save_classifier,
 )
 from fedapp.eval.classifier_training import check_classifier, test_accuracy, train_classifier
-from tests.support.markers import needs_fmnist
+from tests.support.markers import needs_real_fmnist
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def test_committed_weights_load_with_meta() -> None:
     assert isinstance(meta["test_accuracy"], float)
 
 
-@needs_fmnist
+@needs_real_fmnist
 def test_committed_accuracy_matches_meta(fmnist: tuple[ImageData, ImageData]) -> None:
     _, test = fmnist
     assert len(test) == 10000
@@ -81,7 +81,7 @@ def test_committed_accuracy_matches_meta(fmnist: tuple[ImageData, ImageData]) ->
 # ---------------------------------------------------------------------------- training
 
 
-@needs_fmnist
+@needs_real_fmnist
 def test_short_training_is_reproducible_and_learns(fmnist: tuple[ImageData, ImageData]) -> None:
     train, test = fmnist
     images, labels = train.images[:2000], train.labels[:2000]

@@ -90,3 +90,22 @@ def test_fedapp_sample_refuses_an_unreadable_checkpoint(tmp_path: Path) -> None:
     bad.write_text("not torch")
     one_line_error(fedapp("sample", str(bad)), "fedapp sample:", "not a readable fedapp checkpoint")
     assert bad.read_text() == "not torch" and sorted(p.name for p in tmp_path.iterdir()) == ["final.pt"]
+
+
+def test_arguments_after_a_double_dash_go_to_flwr_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's ``fedapp resume RUN --rounds N -- <flwr args>`` and ``fedapp run ... -- <flwr args>``."""
+    import fedapp.deploy.simulation as simulation
+
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(simulation, "launch", lambda *a, **k: calls.append((*a, k)) or 0)
+    assert main(["run", "--clients", "3", "--run-config", "train.rounds=2", "--", "--format", "json"]) == 0
+    assert calls[-1][1:4] == (["train.rounds=2"], ["--format", "json"], "num-supernodes=3")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.toml").write_text("[train]\nrounds = 4\n")
+    code = main(["resume", str(run), "--rounds", "6", "--", "--federation-config", "num-supernodes=3"])
+    assert code == 2 and "has no round checkpoint" in capsys.readouterr().err  # parsed; refused on the run
+    with pytest.raises(SystemExit):
+        main(["check", "--", "x=1"])
+    assert "fedapp check takes no arguments after --" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from fedapp.data.sources import (
     fashion_mnist_candidates,
     load_split,
 )
-from tests.support.markers import needs_fmnist
+from tests.support.markers import needs_real_fmnist
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -117,21 +117,19 @@ def test_fmnist_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                              _isolated: Path) -> None:
     root, cache, debian = tmp_path / "root", _isolated, tmp_path / "debian"
     monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", debian)
-    cfg = DataConfig(root=str(root), download=False)
-    assert fashion_mnist_candidates(cfg) == [
-        root, root / "FashionMNIST" / "raw", cache / "FashionMNIST" / "raw", debian,
-    ]
-    assert fashion_mnist_candidates(DataConfig(download=False)) == [
-        cache / "FashionMNIST" / "raw", debian,
-    ]
+    root.mkdir()
+    assert fashion_mnist_candidates(DataConfig(root=str(root), download=False)) == [root, root / "FashionMNIST" / "raw"]
+    assert fashion_mnist_candidates(DataConfig(download=False)) == [cache / "FashionMNIST" / "raw", debian]
 
     # A different image side in each place tells which one was read.
     write_fmnist(debian, side=3)
-    assert load_split(DataConfig(root=str(root), download=False), "test").images.shape[-1] == 3
+    assert load_split(DataConfig(download=False), "test").images.shape[-1] == 3
     load_split.cache_clear()
     write_fmnist(cache / "FashionMNIST" / "raw", side=4)
-    assert load_split(DataConfig(root=str(root), download=False), "test").images.shape[-1] == 4
+    assert load_split(DataConfig(download=False), "test").images.shape[-1] == 4
     load_split.cache_clear()
+    with pytest.raises(DatasetNotFoundError, match="not found; looked in: "):  # an empty root is not skipped
+        load_split(DataConfig(root=str(root), download=False), "test")
     write_fmnist(root / "FashionMNIST" / "raw", side=6)
     assert load_split(DataConfig(root=str(root), download=False), "test").images.shape[-1] == 6
     load_split.cache_clear()
@@ -139,7 +137,15 @@ def test_fmnist_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert load_split(DataConfig(root=str(root), download=False), "test").images.shape[-1] == 7
 
 
+def test_a_data_root_that_does_not_exist_is_an_error_not_a_fallback(tmp_path: Path, _isolated: Path) -> None:
+    write_fmnist(_isolated / "FashionMNIST" / "raw", side=4)  # a copy that must not be used instead
+    for name in ("fashion-mnist", "cifar10"):
+        with pytest.raises(DatasetNotFoundError, match=r"^data.root = '.*/typo' does not exist or is not a folder"):
+            load_split(DataConfig(name=name, root=str(tmp_path / "typo"), download=False), "train")
+
+
 def test_fmnist_not_found_is_one_actionable_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
     cfg = DataConfig(root=str(tmp_path / "empty"), download=False)
     with pytest.raises(DatasetNotFoundError) as info:
         load_split(cfg, "train")
@@ -202,7 +208,7 @@ def test_fmnist_image_size_resizes(tmp_path: Path) -> None:
     assert data.images.dtype == torch.uint8 and data.images.is_contiguous()
 
 
-@needs_fmnist
+@needs_real_fmnist
 def test_real_debian_fashion_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", REAL_FMNIST)
     data = load_split(DataConfig(download=False), "test")
@@ -386,3 +392,16 @@ def test_model_range_round_trip() -> None:
     assert to_uint8(torch.tensor([-3.0, 0.0, 5.0])).tolist() == [0, 128, 255]
     with pytest.raises(TypeError):
         to_model_range(x)
+
+
+def test_the_standin_set_reads_as_fashion_mnist(tmp_path: Path) -> None:
+    """What the tests run on when the real set is missing (tests/conftest.py)."""
+    from tests.support.standin import SIZES, write_standin
+
+    write_standin(tmp_path)
+    for split, name in (("train", "train"), ("test", "t10k")):
+        data = load_split(DataConfig(root=str(tmp_path), download=False), split)
+        assert data.images.shape == (SIZES[name], 1, 28, 28) and data.num_classes == 10
+        assert torch.bincount(data.labels, minlength=10).tolist() == [SIZES[name] // 10] * 10
+        boxes = [int((data.images[data.labels == k][0] > 100).sum()) for k in range(10)]
+        assert len(set(boxes)) == 10  # each class its own box

@@ -29,7 +29,7 @@ from fedapp.eval.inception import (
     fid_inception_architecture,
     find_fid_weights,
 )
-from tests.support.markers import needs_fmnist
+from tests.support.markers import needs_fmnist, needs_real_fmnist
 
 
 class MeanPool(nn.Module):
@@ -99,7 +99,7 @@ def test_a_corrupt_cache_is_recomputed(tmp_path: Path, caplog: pytest.LogCapture
     assert any("unreadable statistics cache" in r.getMessage() for r in caplog.records)
 
 
-@needs_fmnist
+@needs_real_fmnist
 def test_classifier_distance_separates_real_from_degraded_images() -> None:
     space = ClassifierFeatures()
     real = load_split(DataConfig(name="fashion-mnist"), "test").images

@@ -215,3 +215,31 @@ def test_push_and_pull_are_metered_too() -> None:
     metered.push_messages([metered.create_message(RecordDict(), "query", 11, "")])
     assert ledger.transfers[-1].server_round == 5
     assert ledger.transfers[-1].params == 0
+
+
+def test_superlink_errors_are_the_nodes_and_a_timed_out_node_is_named(
+        unet_record: ArrayRecord, caplog: pytest.LogCaptureFixture) -> None:
+    """The SuperLink writes 'node unavailable' replies as node 1; a node that never answers has no reply at all."""
+    def respond(msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        if node == 22:
+            reply = Message(Error(code=3, reason="Node unavailable"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = 1  # what Flower's SuperLink sends
+            return reply
+        return client(msg)
+
+    class Silent33(FakeGrid):
+        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+            return [m for m in super().pull_messages(message_ids) if m.metadata.src_node_id != 33]
+
+    ledger = CommLedger()
+    metered = MeteredGrid(Silent33(NODES, respond), ledger)  # type: ignore[arg-type]
+    messages = [metered.create_message(RecordDict({"arrays": unet_record, "config": ConfigRecord({"server-round": 1})}),
+                                       MessageType.TRAIN, node, "1") for node in NODES]
+    with caplog.at_level("WARNING"):
+        replies = list(metered.send_and_receive(messages, timeout=5))
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 11]
+    assert metered.round_errors(1, "train") == [(22, "Node unavailable"),
+                                                (33, "no reply within strategy.round-timeout = 5 s")]
+    assert "round 1: node 33 dropped from the train phase: no reply within strategy.round-timeout = 5 s" in caplog.text
+    assert sorted({row["node_id"] for row in ledger.rows() if row["direction"] == "up"}) == [11, 22]  # type: ignore[type-var]

@@ -360,3 +360,21 @@ def test_data_cache_false_writes_nothing(fake_root: Path) -> None:
     cfg = DataConfig(root=str(fake_root), download=False, cache=False)
     local_data(cfg, 0, 0, 2)
     assert not (fake_root.parent / "cache" / "partitions").exists()
+
+
+@pytest.mark.parametrize("scheme", ["iid", "label-skew", "quantity-skew", "pathological"])
+def test_min_partition_size_holds_for_every_scheme_or_is_refused(scheme: str) -> None:
+    """20 images over 3 clients cannot give 10 each: refused by name, never lowered in silence."""
+    few = np.arange(20) % 10
+    with pytest.raises(ValueError, match=r"data.min-partition-size = 10"):
+        split(few, config(scheme, min_partition_size=10), seed=0, num_partitions=3)
+    parts = split(np.arange(300) % 10, config(scheme, min_partition_size=6), seed=0)
+    assert min(len(p) for p in parts) >= 6
+
+
+def test_pathological_and_label_skew_name_the_key_when_the_minimum_cannot_hold() -> None:
+    labels = np.arange(200) % 10
+    with pytest.raises(ValueError, match=r"pathological split gives partition \d only 20 examples"):
+        build_partitioner(labels, config("pathological", classes_per_client=1, min_partition_size=30), 3, 0)
+    with pytest.raises(ValueError, match=r"^label-skew: no Dirichlet\(alpha=0.1\) draw .* data.min-partition-size"):
+        build_partitioner(labels, config("label-skew", alpha=0.1, min_partition_size=60), 3, 0)

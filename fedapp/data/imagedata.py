@@ -92,7 +92,14 @@ def data_cache_dir() -> Path:
 
 
 def root_dir(cfg: DataConfig) -> Path | None:
-    return Path(cfg.root).expanduser() if cfg.root else None
+    """``data.root``, which must exist unless a download may create it: it is never silently skipped."""
+    if not cfg.root:
+        return None
+    root = Path(cfg.root).expanduser()
+    if not cfg.download and not root.is_dir():
+        raise DatasetNotFoundError(f"data.root = {cfg.root!r} does not exist or is not a folder; fix the path, "
+                                   "or leave data.root empty to use the cache and system copies")
+    return root
 
 
 def base_dir(cfg: DataConfig) -> Path:

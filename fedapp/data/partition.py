@@ -55,6 +55,12 @@ def build_partitioner(labels: np.ndarray, cfg: DataConfig, num_partitions: int, 
         raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
     if num_partitions > len(labels):
         raise ValueError(f"{num_partitions} partitions but only {len(labels)} examples")
+    if num_partitions * cfg.min_partition_size > len(labels):
+        raise ValueError(
+            f"data.min-partition-size = {cfg.min_partition_size} but {len(labels)} examples over "
+            f"{num_partitions} clients give {len(labels) // num_partitions} each at most; "
+            "lower data.min-partition-size or use more data"
+        )
     pool = _pool(labels)
     scheme = cfg.partitioner
     partitioner: Partitioner
@@ -66,7 +72,7 @@ def build_partitioner(labels: np.ndarray, cfg: DataConfig, num_partitions: int, 
             num_partitions,
             partition_by="label",
             alpha=cfg.alpha,
-            min_partition_size=min(cfg.min_partition_size, len(labels) // num_partitions),
+            min_partition_size=cfg.min_partition_size,
             self_balancing=False,
             shuffle=True,
             seed=seed,
@@ -91,6 +97,22 @@ def build_partitioner(labels: np.ndarray, cfg: DataConfig, num_partitions: int, 
     else:  # pragma: no cover - the config's Literal rules this out
         raise ValueError(f"unknown partitioner {scheme!r}")
     partitioner.dataset = pool.flatten_indices()
+    if scheme == "label-skew":  # flwr-datasets redraws until every client has min-partition-size
+        try:
+            partitioner.load_partition(0)
+        except ValueError as err:
+            raise ValueError(
+                f"label-skew: no Dirichlet(alpha={cfg.alpha}) draw gave every one of {num_partitions} clients "
+                f">= {cfg.min_partition_size} examples ({err}); raise data.alpha or lower data.min-partition-size"
+            ) from None
+    if scheme == "pathological":  # iid's equal shares and quantity-skew's redraws guarantee it already
+        sizes = [len(partitioner.load_partition(pid)) for pid in range(num_partitions)]
+        if min(sizes) < cfg.min_partition_size:
+            raise ValueError(
+                f"data.min-partition-size = {cfg.min_partition_size} but the pathological split gives "
+                f"partition {int(np.argmin(sizes))} only {min(sizes)} examples; lower data.min-partition-size, "
+                "raise data.classes-per-client or use more data"
+            )
     return partitioner
 
 

@@ -81,16 +81,14 @@ _CIFAR_FILES: dict[str, tuple[str, ...]] = {
 def fashion_mnist_candidates(cfg: DataConfig) -> list[Path]:
     """Folders that may hold the IDX files, in the order they are tried.
 
-    An explicit ``data.root`` wins, then an earlier download in the cache, then the
+    An explicit ``data.root`` is the only place looked at (a wrong path is an error, not a
+    silent switch to another copy); without one, an earlier download in the cache, then the
     system-wide Debian copy; this keeps runs offline whenever a copy exists.
     """
-    candidates: list[Path] = []
     root = root_dir(cfg)
     if root is not None:
-        candidates += [root, root / "FashionMNIST" / "raw"]
-    candidates.append(data_cache_dir() / "FashionMNIST" / "raw")
-    candidates.append(DEBIAN_FASHION_MNIST_DIR)
-    return candidates
+        return [root, root / "FashionMNIST" / "raw"]
+    return [data_cache_dir() / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST_DIR]
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:

@@ -9,16 +9,20 @@ SuperLink it started is stopped on exit, found by PID through the FLWR_HOME on i
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from fedapp.config import run_config_arg
 from fedapp.deploy.processes import free_ports, stop_pids, superlink_pids
+from fedapp.runs.rundir import RUN_DIR_LINE, unfinished
 
 REPO = Path(__file__).resolve().parents[2]
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 BIN = Path(sys.executable).parent  # flwr starts flower-superlink by name, from PATH
 
 
@@ -62,3 +66,50 @@ def flwr_run(
         "--run-config", run_config_arg(run_config),
     ]
     return subprocess.run(cmd, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _stream(command: list[str], env: Mapping[str, str]) -> tuple[int, Path | None]:
+    """Run ``command``, echoing its output as it comes; (exit code, the run directory it named)."""
+    run = None
+    with subprocess.Popen(command, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if RUN_DIR_LINE in line:
+                run = Path(_ANSI.sub("", line).split(RUN_DIR_LINE, 1)[1].strip())
+    return proc.returncode, run
+
+
+def launch(app: Path, run_config: list[str], flwr_args: list[str], federation_config: str = "",
+           connection: str = "") -> int:
+    """``flwr run`` of ``app``; exit 0 only if the run it started logged every round and wrote final.pt.
+
+    Without ``connection`` it is a local simulation: a SuperLink on ports of its own under this
+    FLWR_HOME (default ``app/.flwr``), stopped when the run ends.
+    """
+    local = not connection
+    home = Path(os.environ.get("FLWR_HOME") or app / ".flwr").resolve()
+    env = simulation_env(home) if local else dict(os.environ)
+    command = [str(BIN / "flwr"), "run", str(app), *([connection] if connection else []), "--stream",
+               *(["--federation-config", federation_config] if federation_config else []),
+               *[arg for config in run_config for arg in ("--run-config", config)], *flwr_args]
+    before = set(superlink_pids(home)) if local else set()
+    started = time.time()
+    try:
+        code, run = _stream(command, env)
+    finally:
+        if local:
+            stop_pids([pid for pid in superlink_pids(home) if pid not in before])
+    if not code and run is not None and not local and not run.exists():
+        print(f"fedapp: {run} is on the server's machine, not here: check it there", file=sys.stderr)
+        return 0
+    problem = f"flwr run exited with {code}" if code else (
+        "the ServerApp never named its run directory (the run did not start)" if run is None
+        else unfinished(run, since=started))
+    if problem:
+        print(f"fedapp: the run did not finish: {problem}; see the log above", file=sys.stderr)
+        return code or 1
+    print(f"fedapp: run finished: {run}")
+    return 0

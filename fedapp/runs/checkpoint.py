@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedapp.model.build import build_model
 from fedapp.config import ConfigError, FedConfig, parse_config
 from fedapp.files import atomic_torch_save, one_line
+from fedapp.model.build import build_model
 
 FORMAT_VERSION = 1
 

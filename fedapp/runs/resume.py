@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedapp.runs.checkpoint import load_checkpoint
 from fedapp.config import ConfigError, FedConfig, flatten
-from fedapp.runs.rundir import RunDir
 from fedapp.protocol.keys import STATE_RUN
+from fedapp.runs.checkpoint import load_checkpoint
+from fedapp.runs.rundir import RunDir
 
 # Keys a resumed run may change: how long and how it runs, not what it trains.
 MAY_CHANGE = ("train.rounds", "strategy.round-timeout", "strategy.node-timeout", "output.resume",

@@ -14,6 +14,8 @@ import tomli_w
 from fedapp.config import FedConfig
 from fedapp.files import atomic_write_text
 
+RUN_DIR_LINE = "fedapp run directory: "  # the ServerApp logs it first; the launchers read the path back
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -81,3 +83,24 @@ class RunDir:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with Path(path).open() as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def unfinished(run: Path, since: float = 0.0) -> str | None:
+    """Why ``run`` did not finish (as one line), or None: every round logged and ``final.pt`` written.
+
+    ``flwr run`` exits 0 whatever became of the run, so the commands that start one ask the run
+    directory. ``since`` (a ``time.time()``): a ``final.pt`` older than that is a previous run's.
+    """
+    import tomllib
+
+    try:
+        rounds = int(tomllib.loads((run / "config.toml").read_text())["train"]["rounds"])
+    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError) as err:
+        return f"{run} holds no readable config.toml ({type(err).__name__})"
+    logged = [int(row["round"]) for row in read_jsonl(run / "metrics.jsonl")] if (run / "metrics.jsonl").is_file() else []
+    if logged[-1:] != [rounds]:
+        return f"{run.name} reached round {max(logged, default=0)} of {rounds}"
+    final = run / "final.pt"
+    if not final.is_file() or final.stat().st_mtime < since:
+        return f"{run.name} logged all {rounds} rounds but wrote no final.pt"
+    return None

@@ -55,6 +55,7 @@ class FakeGrid(Grid):
         ids = []
         for msg in messages:
             mid = f"msg-{len(self.sent)}"
+            msg.metadata.__dict__["_message_id"] = mid  # as Flower's grids set it when pushing
             self.sent.append(msg)
             config = msg.content.config_records.get("config")
             server_round = int(config["server-round"]) if config and "server-round" in config else None
