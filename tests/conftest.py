@@ -41,8 +41,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                if REAL_FMNIST_REASON in str(getattr(r, "longrepr", ""))]
     if skipped:
         names = ", ".join(r.nodeid.split("::")[-1] for r in skipped)
-        terminalreporter.write_sep("!", f"{len(skipped)} TESTS SKIPPED, they {REAL_FMNIST_REASON}: {names}",
-                                   red=True, bold=True)
+        terminalreporter.write_sep("!", f"{len(skipped)} TESTS SKIPPED without the real Fashion-MNIST "
+                                   f"(apt-get install dataset-fashion-mnist): {names}", red=True, bold=True)
 
 
 @pytest.fixture
