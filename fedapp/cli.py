@@ -276,13 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     from fedapp.data.sources import DatasetNotFoundError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    cut = argv.index("--") if "--" in argv else len(argv)  # argparse cannot take them after options
     parser = build_parser()
-    args = parser.parse_args(argv[:len(argv) - len(rest) - 1] if "--" in argv else argv)
-    if rest and not hasattr(args, "flwr_args"):
-        parser.error(f"fedapp {args.command} takes no arguments after --")
+    args = parser.parse_args(argv[:cut])
     if hasattr(args, "flwr_args"):
-        args.flwr_args = rest
+        args.flwr_args = argv[cut + 1:]
+    elif cut < len(argv):
+        parser.error(f"fedapp {args.command} takes no arguments after --")
     try:
         return int(args.func(args))
     except (OSError, ValueError, DatasetNotFoundError) as err:

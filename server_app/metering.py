@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from logging import WARNING
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message, Metadata, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
@@ -32,19 +32,19 @@ class MeteredGrid(GridWrapper):
         # Only the metrics of replies are kept: arrays would pile up over the rounds.
         self.metrics: dict[tuple[int, str], list[RecordDict]] = defaultdict(list)
         self.errors: dict[tuple[int, str], list[tuple[int, str]]] = defaultdict(list)
-        self.sent: list[Message] = []  # their ids are set when they are pushed
-        self.destination: dict[str, int] = {}
+        # Metadata of messages sent since the last replies (not the messages: their arrays would pile
+        # up); the ids are set when the messages are pushed, so they are read when replies come.
+        self.pending: list[Metadata] = []
+        self.destination: dict[str, int] = {}  # message id -> the node it went to
 
     def _node(self, reply: Message) -> int:
         """The node a reply answers for, also when the SuperLink wrote it."""
         if reply.metadata.src_node_id != SUPERLINK_NODE_ID:
             return reply.metadata.src_node_id
-        self.destination.update({m.metadata.message_id: m.metadata.dst_node_id for m in self.sent})
-        self.sent.clear()
         return self.destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def outgoing(self, messages: list[Message]) -> list[Message]:
-        self.sent += messages
+        self.pending += [msg.metadata for msg in messages]
         for msg in messages:
             for record in msg.content.config_records.values():
                 if SERVER_ROUND in record:
@@ -54,6 +54,8 @@ class MeteredGrid(GridWrapper):
         return messages
 
     def incoming(self, replies: list[Message]) -> list[Message]:
+        self.destination.update({meta.message_id: meta.dst_node_id for meta in self.pending})
+        self.pending.clear()
         for reply in replies:
             content = None if reply.has_error() else reply.content
             node = self._node(reply)

@@ -60,12 +60,16 @@ def flwr_run(
     app: Path = REPO,
 ) -> subprocess.CompletedProcess[str]:
     """``flwr run --stream``; exit 0 does not mean the run succeeded: read its run directory."""
-    cmd = [
-        str(BIN / "flwr"), "run", str(app), "--stream",
-        "--federation-config", f"num-supernodes={num_supernodes} {resources}",
-        "--run-config", run_config_arg(run_config),
-    ]
+    cmd = flwr_command(app, [run_config_arg(run_config)], f"num-supernodes={num_supernodes} {resources}")
     return subprocess.run(cmd, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def flwr_command(app: Path, run_configs: list[str], federation_config: str = "", connection: str = "",
+                 extra: list[str] | None = None) -> list[str]:
+    """``flwr run APP [CONNECTION] --stream`` with these configs, from this venv."""
+    return [str(BIN / "flwr"), "run", str(app), *([connection] if connection else []), "--stream",
+            *(["--federation-config", federation_config] if federation_config else []),
+            *[arg for config in run_configs for arg in ("--run-config", config)], *(extra or [])]
 
 
 def _stream(command: list[str], env: Mapping[str, str]) -> tuple[int, Path | None]:
@@ -92,9 +96,7 @@ def launch(app: Path, run_config: list[str], flwr_args: list[str], federation_co
     local = not connection
     home = Path(os.environ.get("FLWR_HOME") or app / ".flwr").resolve()
     env = simulation_env(home) if local else dict(os.environ)
-    command = [str(BIN / "flwr"), "run", str(app), *([connection] if connection else []), "--stream",
-               *(["--federation-config", federation_config] if federation_config else []),
-               *[arg for config in run_config for arg in ("--run-config", config)], *flwr_args]
+    command = flwr_command(app, run_config, federation_config, connection, flwr_args)
     before = set(superlink_pids(home)) if local else set()
     started = time.time()
     try:

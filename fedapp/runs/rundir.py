@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,6 @@ def unfinished(run: Path, since: float = 0.0) -> str | None:
     ``flwr run`` exits 0 whatever became of the run, so the commands that start one ask the run
     directory. ``since`` (a ``time.time()``): a ``final.pt`` older than that is a previous run's.
     """
-    import tomllib
-
     try:
         rounds = int(tomllib.loads((run / "config.toml").read_text())["train"]["rounds"])
     except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError) as err:

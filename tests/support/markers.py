@@ -14,6 +14,6 @@ from tests.support.standin import have_fashion_mnist
 
 REAL_FMNIST_REASON = "needs the real Fashion-MNIST: apt-get install dataset-fashion-mnist"
 HAVE_REAL_FMNIST = (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
-HAVE_FMNIST = HAVE_REAL_FMNIST or have_fashion_mnist()
+HAVE_FMNIST = have_fashion_mnist()  # the real set or the stand-in, where fedapp looks
 needs_real_fmnist = pytest.mark.skipif(not HAVE_REAL_FMNIST, reason=REAL_FMNIST_REASON)
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="needs Fashion-MNIST or its stand-in (tests/conftest.py)")
