@@ -37,6 +37,7 @@ from fedapp.model.build import build_diffusion, build_model
 from fedapp.model.sampling import generate
 from fedapp.runs.checkpoint import load_checkpoint, save_checkpoint
 from fedapp.train.loop import train_local
+from fedapp.train.optim import Recipe
 
 
 def _timed(on: torch.device, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -65,7 +66,7 @@ def trained_model(args: argparse.Namespace, device: torch.device):  # type: igno
     model = build_model(cfg, seed=0)
     images = load_split(DataConfig(), "train").images
     result, seconds = _timed(device, train_local, model, build_diffusion(cfg), images, epochs=10_000,
-                             batch_size=args.batch, lr=args.lr, seed=0, device=device, max_steps=args.train_steps)
+                             batch_size=args.batch, recipe=Recipe(args.lr), seed=0, device=device, max_steps=args.train_steps)
     print(f"trained {result.steps} steps at batch {args.batch} in {seconds:.1f} s "
           f"({result.images_per_s:.0f} img/s), final-epoch loss {result.loss:.4f}")
     if args.save:

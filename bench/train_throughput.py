@@ -27,6 +27,7 @@ from fedapp.data.sources import load_split
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import UNet
 from fedapp.train.loop import train_local
+from fedapp.train.optim import Recipe
 
 
 def _sync(device: torch.device) -> None:
@@ -56,7 +57,7 @@ def plain_loop(model: UNet, images: torch.Tensor, batch: int, steps: int, lr: fl
 
 
 def local_loop(model: UNet, images: torch.Tensor, batch: int, steps: int, lr: float, device: torch.device) -> float:
-    result = train_local(model, Diffusion(), images[: steps * batch], epochs=1, batch_size=batch, lr=lr, seed=0,
+    result = train_local(model, Diffusion(), images[: steps * batch], epochs=1, batch_size=batch, recipe=Recipe(lr), seed=0,
                          device=device, max_steps=steps)
     return result.images_per_s
 

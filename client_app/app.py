@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from client_app.node import (
     AUDIT_FILE,
     audit_denoiser,
+    carried_state,
     cut,
     inject_fault,
     node_job,
@@ -23,6 +24,7 @@ from client_app.node import (
     personal_model,
     quality_meter,
     report_parts,
+    save_trained,
 )
 from fedapp.data.pixels import to_uint8
 from fedapp.eval.disclosure import audit_upload
@@ -55,9 +57,10 @@ from fedapp.protocol.records import (
     model_to_record,
     upload_to_record,
 )
-from fedapp.runs.node_state import save_node_file, save_node_model
+from fedapp.runs.node_state import save_node_file
 from fedapp.train.collafuse import client_half, client_round
 from fedapp.train.loop import denoising_loss, pick_device, train_local
+from fedapp.train.optim import Recipe
 
 __all__ = ["app", "node_partition"]
 
@@ -71,6 +74,8 @@ def train(msg: Message, context: Context) -> Message:
     device = pick_device(cfg.train.device)
     report = report_parts(msg.content[CONFIG])
     model, directory = personal_model(cfg, msg, context, pid, upto=server_round - 1)
+    personal = is_personalized(cfg.strategy.name)
+    optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=personal)
     report_keys = parts_keys(report, unet_parts(model))
     result = train_local(
         model,
@@ -78,11 +83,13 @@ def train(msg: Message, context: Context) -> Message:
         data.train.images,
         epochs=cfg.train.local_epochs,
         batch_size=cfg.train.batch_size,
-        lr=cfg.train.lr,
+        recipe=Recipe.from_config(cfg.train),
         seed=train_seed(cfg.seed, server_round, pid),
         device=device,
         max_steps=cfg.train.max_steps_per_round,
         trainable=report_keys if cfg.train.scope == "shared" else None,
+        optimizer=optimizer,
+        ema=ema,
         progress=cfg.output.progress,
         desc=f"client {pid} round {server_round}",
     )
@@ -98,8 +105,7 @@ def train(msg: Message, context: Context) -> Message:
             NUM_PARTITIONS: num,
         }
     )
-    if is_personalized(cfg.strategy.name):
-        save_node_model(directory, model.state_dict(), pid, server_round)
+    save_trained(cfg, directory, model, result, ema, pid, server_round, own_model=personal)
     arrays = model_to_record(model, keys=report_keys, dtype=cfg.transport.dtype)
     reply = RecordDict({ARRAYS: arrays, METRICS: metrics})
     return Message(reply, reply_to=msg)
@@ -110,7 +116,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, pid, _, data = node_job(context)
     device = pick_device(cfg.train.device)
     server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0))  # type: ignore[call-overload]
-    model, _ = personal_model(cfg, msg, context, pid, upto=server_round or None)
+    model, _ = personal_model(cfg, msg, context, pid, upto=server_round or None, sampling=True)
     cap = cfg.eval.max_val_examples or len(data.val)
     images = data.val.images[:cap]
     loss = denoising_loss(
@@ -135,16 +141,18 @@ def collafuse_train(msg: Message, context: Context) -> Message:
     t_cut = cut(cfg, msg)
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
     model, directory, _ = own_model(cfg, msg, context, pid, upto=server_round - 1)
+    optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=True)
     diffusion = build_diffusion(cfg)
     done, upload = client_round(
         model, diffusion, data.train.images, t_cut,
-        epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+        epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size, recipe=Recipe.from_config(cfg.train),
         seed=train_seed(cfg.seed, server_round, pid), device=pick_device(cfg.train.device),
         upload_cap=cfg.collafuse.upload_samples, max_steps=cfg.train.max_steps_per_round,
+        optimizer=optimizer, ema=ema,
         progress=cfg.output.progress, desc=f"collafuse client {pid} round {server_round}",
     )
     inject_fault(cfg, pid, server_round)
-    save_node_model(directory, model.state_dict(), pid, server_round)
+    save_trained(cfg, directory, model, done.own, ema, pid, server_round, own_model=True)
     record = upload_to_record(upload, cfg.transport.dtype)
     sent = decode_record(record)  # the audit scores exactly what the server receives
     keep = min(cfg.collafuse.audit_samples, len(upload))
@@ -172,7 +180,7 @@ def collafuse_evaluate(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     device = pick_device(cfg.train.device)
     server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[call-overload]
-    model, directory, trained = own_model(cfg, msg, context, pid, upto=server_round or None)
+    model, directory, trained = own_model(cfg, msg, context, pid, upto=server_round or None, sampling=True)
     if t_cut > 0 and not trained:
         raise RuntimeError(f"node {context.node_id} owns t < {t_cut} but has no model of its own in {directory} yet")
     diffusion = build_diffusion(cfg)

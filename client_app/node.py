@@ -36,13 +36,22 @@ from fedapp.protocol.records import (
     load_record,
 )
 from fedapp.runs.node_state import (
+    OPTIMIZER,
     load_node_file,
     load_node_model,
+    load_node_round,
     node_dir,
+    sampling_weights,
+    save_node_model,
+    save_node_round,
     state_root,
 )
+from fedapp.train.ema import ema_state, make_ema
+from fedapp.train.loop import TrainResult
 
 if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
+
     from fedapp.eval.quality import QualityMeter
 
 
@@ -98,12 +107,14 @@ def inject_fault(cfg: FedConfig, pid: int, server_round: int) -> None:
 
 
 def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
-                   upto: int | None = None) -> tuple[UNet, Path]:
+                   upto: int | None = None, sampling: bool = False) -> tuple[UNet, Path]:
     """The global arrays received, with this node's own saved parts where it keeps private ones.
 
     Once a node has trained, its private parts come from its disk even if the server sends
     them (as it does again after a lost reply or to a restarted SuperNode), so they are never
     reset to the server's copy. ``upto``: the newest saved round it may start from.
+    ``sampling``: a personal model's EMA, where it keeps one, replaces the whole model (it
+    averages the model this client trained, the received shared parts included).
     """
     model = build_model(cfg)
     incoming = msg.content[ARRAYS]
@@ -121,7 +132,37 @@ def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
     if saved is not None:
         take = missing | keep
         model.load_state_dict({k: v for k, v in saved["model"].items() if k in take}, strict=False)
+        if sampling and keep:
+            model.load_state_dict(sampling_weights(saved))
     return model, directory
+
+
+def carried_state(cfg: FedConfig, model: UNet, directory: Path, upto: int,
+                  keeps_ema: bool) -> tuple[dict[str, object] | None, EMAModel | None]:
+    """What this client's trainer continues from: its Adam state (``persist``) and its model's EMA.
+
+    ``keeps_ema``: the client's model is its own (ULatDec, UDec, CollaFuse), so its EMA lives here;
+    a global model's EMA is the server's.
+    """
+    optimizer = None
+    if cfg.train.optimizer_state == "persist":
+        saved = load_node_round(directory, OPTIMIZER, upto)
+        optimizer = saved["optimizer"] if saved is not None else None
+    ema = None
+    if keeps_ema:
+        own = load_node_model(directory, upto)
+        ema = make_ema(model, cfg.train, own.get("ema") if own is not None else None)  # type: ignore[arg-type]
+    return optimizer, ema  # type: ignore[return-value]
+
+
+def save_trained(cfg: FedConfig, directory: Path, model: UNet, result: TrainResult, ema: EMAModel | None,
+                 pid: int, server_round: int, own_model: bool) -> None:
+    """After a round: the Adam state (``persist``), and the own model with its EMA where it is the client's."""
+    if cfg.train.optimizer_state == "persist" and result.optimizer is not None:
+        save_node_round(directory, OPTIMIZER, {"optimizer": result.optimizer}, pid, server_round)
+    if own_model:
+        save_node_model(directory, model.state_dict(), pid, server_round,
+                        ema=ema_state(ema, model) if ema is not None else None)
 
 
 @lru_cache(maxsize=2)
@@ -150,13 +191,16 @@ def cut(cfg: FedConfig, msg: Message) -> int:
 
 
 def own_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
-              upto: int | None) -> tuple[UNet, Path, bool]:
-    """This client's private denoiser from its disk (the seeded initialization before its first round)."""
+              upto: int | None, sampling: bool = False) -> tuple[UNet, Path, bool]:
+    """This client's private denoiser from its disk (the seeded initialization before its first round).
+
+    ``sampling``: its EMA weights where it keeps an EMA.
+    """
     directory = state_dir(cfg, msg, context, pid)
     model = build_model(cfg, seed=cfg.seed)
     saved = load_node_model(directory, upto)
     if saved is not None:
-        model.load_state_dict(saved["model"])  # type: ignore[arg-type]
+        model.load_state_dict(sampling_weights(saved) if sampling else saved["model"])  # type: ignore[arg-type]
     return model, directory, saved is not None
 
 

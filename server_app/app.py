@@ -74,6 +74,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.restore(point.extra["strategy"])
         set_rng_state(point.extra["rng"])
         recorder.restore(point.extra["metrics"])
+        recorder.restore_ema(point.ema)
     started = time.perf_counter()
     try:
         run_rounds(strategy, strategy_grid, model_to_record(model), first=point.round + 1 if point else 1,
@@ -86,6 +87,7 @@ def main(grid: Grid, context: Context) -> None:
     final = save_checkpoint(
         run.path / "final.pt", cfg, cfg.train.rounds, recorder.model,
         extra={"comm": ledger.rows(), "metrics": recorder.rows, "clients": clients, **server_state()},
+        ema=recorder.ema_state(),
     )
     if clients_own_models(cfg.strategy.name):
         log(INFO, "final checkpoint holds %d client models (fedapp sample %s --client ID)", len(clients), final)

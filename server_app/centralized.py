@@ -2,13 +2,15 @@
 
 ``strategy.name = "centralized"`` runs this instead of a federation, so every comparison
 has its baseline from the same code and config. One "round" is ``train.local-epochs``
-epochs over the union of the clients' training parts with a fresh Adam, exactly what a
-single client holding all the data would do (the papers' K = 1); it is evaluated on the
-union of the clients' held-out parts.
+epochs over the union of the clients' training parts, exactly what a single client
+holding all the data would do (the papers' K = 1): with the same recipe (a fresh Adam per
+round, or one that persists, as ``train.optimizer-state`` says; an EMA over every step,
+which samples and evaluations use). It is evaluated on the union of the clients' held-out parts.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from logging import INFO
 
@@ -22,9 +24,11 @@ from fedapp.log import log
 from fedapp.model.build import build_diffusion, build_model
 from fedapp.protocol.keys import train_seed
 from fedapp.runs.checkpoint import save_checkpoint
-from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry
+from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry, summary_line
 from fedapp.runs.rundir import RunDir
+from fedapp.train.ema import ema_state, make_ema
 from fedapp.train.loop import denoising_loss, pick_device, train_local
+from fedapp.train.optim import Recipe
 
 
 def pooled_data(cfg: FedConfig, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,27 +50,35 @@ def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int) -> list[di
     meter = QualityMeter(cfg, device)
     rows: list[Row] = []
     clock = RoundClock()
+    ema = make_ema(model, cfg.train)
+    averaged = copy.deepcopy(model) if ema is not None else model
+    optimizer: dict[str, object] | None = None
     for rnd in range(1, cfg.train.rounds + 1):
         result = train_local(
             model, diffusion, train, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr, seed=train_seed(cfg.seed, rnd), device=device,
-            max_steps=cfg.train.max_steps_per_round, progress=cfg.output.progress,
-            desc=f"centralized round {rnd}",
+            recipe=Recipe.from_config(cfg.train), seed=train_seed(cfg.seed, rnd), device=device,
+            max_steps=cfg.train.max_steps_per_round, optimizer=optimizer, ema=ema,
+            progress=cfg.output.progress, desc=f"centralized round {rnd}",
         )
+        if cfg.train.optimizer_state == "persist":
+            optimizer = result.optimizer
+        if ema is not None:
+            ema.copy_to(averaged.parameters())
         now = time.perf_counter()
         train_metrics = {"train-loss": result.loss, "train-steps": float(result.steps),
                          "train-seconds": result.seconds, "images-per-s": result.images_per_s}
-        eval_loss = denoising_loss(model, diffusion, val, batch_size=cfg.eval.batch_size, seed=cfg.seed, device=device)
+        eval_loss = denoising_loss(averaged, diffusion, val, batch_size=cfg.eval.batch_size, seed=cfg.seed, device=device)
         row = clock.new_row(rnd, now, train=train_metrics, evaluate={"eval-loss": eval_loss}, comm={})
         model.to("cpu")
         if cfg.eval.is_eval_round(rnd, cfg.train.rounds):
-            scores, samples = meter.measure(model, diffusion, keep=cfg.eval.num_samples)
+            scores, samples = meter.measure(averaged, diffusion, keep=cfg.eval.num_samples)
             if scores:
-                row["quality"] = quality_entry(cfg, scores)
+                row["quality"] = quality_entry(cfg, scores, meter.anchors)
             row["samples"] = str(save_grid(samples, run.samples_path(rnd)).relative_to(run.path))
-        close_round(run, cfg, model, rows, row, now, extra={"comm": []})
-        log(INFO, "centralized round %d: train-loss %.4f eval-loss %.4f %s", rnd, result.loss,
-            row["evaluate"]["eval-loss"], row.get("quality", ""))  # type: ignore[index]
+        kept = ema_state(ema, model) if ema is not None else None
+        close_round(run, cfg, model, rows, row, now, extra={"comm": []}, ema=kept)
+        log(INFO, "centralized %s", summary_line(row, cfg.train.rounds))
         clock.lap()
-    save_checkpoint(run.path / "final.pt", cfg, cfg.train.rounds, model, extra={"comm": [], "metrics": rows})
+    save_checkpoint(run.path / "final.pt", cfg, cfg.train.rounds, model, extra={"comm": [], "metrics": rows},
+                    ema=ema_state(ema, model) if ema is not None else None)
     return rows

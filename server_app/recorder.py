@@ -29,8 +29,9 @@ from fedapp.protocol.methods import clients_own_models, is_personalized
 from fedapp.protocol.metrics import IDENTIFIERS, mean_std_over_clients
 from fedapp.protocol.records import load_record
 from fedapp.runs.node_state import collect_node_models, state_root
-from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry
+from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry, summary_line
 from fedapp.runs.rundir import RunDir
+from fedapp.train.ema import RoundEMA, ema_state, load_ema
 from fedapp.train.loop import pick_device
 from server_app.metering import MeteredGrid
 from strategies.validation import canonical_metrics, is_count
@@ -66,6 +67,10 @@ class RoundRecorder:
         self.label_plot_done = False
         self.strategy_metrics: dict[tuple[int, str], dict[str, object]] = {}
         self.meter = QualityMeter(cfg, self.device)
+        # A global model's EMA is the server's (fedapp.train.ema); clients keep their own models' EMAs.
+        keeps_ema = bool(cfg.train.ema_decay) and not clients_own_models(cfg.strategy.name)
+        self.ema = RoundEMA(model, cfg.train) if keeps_ema else None
+        self.averaged = copy.deepcopy(model) if keeps_ema else model
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -76,6 +81,8 @@ class RoundRecorder:
         if not train and not self.grid.round_metrics(server_round, MessageType.TRAIN):
             self._stop_without_updates(server_round)  # replies that came but were dropped keep the model instead
         load_record(self.model, arrays)
+        if self.ema is not None and train:
+            self.ema.update(self.model, round(float(train.get("train-steps", 1.0))))
         self._plot_labels_once(server_round)
         row = self.clock.new_row(server_round, now, train=train,
                                  evaluate=self._aggregate(server_round, MessageType.EVALUATE),
@@ -89,12 +96,13 @@ class RoundRecorder:
             if grid_path.exists():
                 row["samples"] = str(grid_path.relative_to(self.run.path))
         close_round(self.run, self.cfg, self.model, self.rows, row, now,
-                    extra={"comm": self.ledger.rows(), **self.server_state()})
+                    extra={"comm": self.ledger.rows(), **self.server_state()}, ema=self.ema_state())
         self.run.append_jsonl(
             self.run.comm_path, [t for t in self.ledger.rows() if t["server_round"] == server_round]
         )
         self.clock.lap()
         cum = self.ledger.totals(upto=server_round)
+        log(INFO, "%s", summary_line(row, self.cfg.train.rounds, cum["down_wire"] + cum["up_wire"]))
         return MetricRecord({"cum-down-bytes": cum["down_bytes"], "cum-up-bytes": cum["up_bytes"],
                              "cum-down-wire": cum["down_wire"], "cum-up-wire": cum["up_wire"]})
 
@@ -135,6 +143,21 @@ class RoundRecorder:
         self.clock.lap()
         self.label_plot_done = self.run.label_plot_path.exists()
 
+    def ema_state(self) -> dict[str, object] | None:
+        """The server's EMA of the global model, as checkpoints hold it (None without one)."""
+        return ema_state(self.ema, self.model) if self.ema is not None else None
+
+    def restore_ema(self, state: dict[str, object] | None) -> None:
+        if self.ema is not None and state is not None:
+            load_ema(self.ema, self.model, state)
+
+    def sampling_model(self) -> UNet:
+        """What the global model samples and is scored with: its EMA when the server keeps one."""
+        if self.ema is None:
+            return self.model
+        self.ema.copy_to(self.averaged.parameters())
+        return self.averaged
+
     def client_models(self) -> dict[int, dict[str, torch.Tensor]]:
         """Each client's own model, by partition id, where this machine can see the nodes' disks."""
         if not clients_own_models(self.cfg.strategy.name):
@@ -150,7 +173,7 @@ class RoundRecorder:
             quality.update(self._client_scores(evaluate))
             self._split_grids(server_round, path)
         elif not is_personalized(self.cfg.strategy.name):
-            scores, samples = self._measure(self.model, ev.num_samples)
+            scores, samples = self._measure(self.sampling_model(), ev.num_samples)
             save_grid(samples, path)
             quality.update(scores)
         else:
@@ -168,7 +191,7 @@ class RoundRecorder:
                 log(WARNING, "no client model is visible from the server; no sample grid for round %d",
                     server_round)
         if any(k in quality for k in METRIC_NAMES):
-            quality.update(quality_entry(self.cfg, {}))
+            quality.update(quality_entry(self.cfg, {}, self._anchors()))
         return quality, path
 
     @staticmethod
@@ -190,6 +213,14 @@ class RoundRecorder:
             save_grid(images, path.with_name(f"{path.stem}-client-{pid}.png"))
         per_row = min(len(images) for images in samples.values())
         save_grid(torch.cat([images[:per_row] for images in samples.values()]), path, nrow=per_row)
+
+    def _anchors(self) -> dict[str, dict[str, float]]:
+        """The noise and real-image anchors of the metrics, where this server can measure them."""
+        try:
+            return self.meter.anchors
+        except DatasetNotFoundError as err:
+            log(WARNING, "no anchors for the Fréchet metrics: the server has no real data (%s)", err)
+            return {}
 
     def _measure(self, model: UNet, keep: int) -> tuple[dict[str, float], torch.Tensor]:
         """A metric that cannot run here (no real data on this server) is skipped, not fatal."""

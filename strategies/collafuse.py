@@ -58,6 +58,7 @@ from fedapp.train.collafuse import (
     server_steps,
 )
 from fedapp.train.loop import pick_device
+from fedapp.train.optim import Recipe, Stepper
 from strategies.base import FedappStrategy, StrategyState
 from strategies.validation import by_node, canonical_metrics, weight_problem
 
@@ -82,7 +83,7 @@ class CollaFuse(FedappStrategy):
         channels, side = image_shape(cfg.data)
         self.shape = (channels, side, side)
         self.model = build_model(cfg)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.stepper = Stepper(dict(self.model.named_parameters()), Recipe.from_config(cfg.train))
         # The first audit-samples triples of each node's last accepted upload (what the audit rebuilds).
         self.audit_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.audit_round = 0
@@ -184,7 +185,7 @@ class CollaFuse(FedappStrategy):
         if total:
             nodes = sorted(uploads, key=lambda n: (self.partition.get(n, -1), n))  # partition order, as by_node
             result = server_steps(
-                self.model, self.optimizer, self.diffusion,
+                self.model, self.stepper, self.diffusion,
                 torch.cat([uploads[n][0] for n in nodes]), torch.cat([uploads[n][1] for n in nodes]),
                 torch.cat([uploads[n][2] for n in nodes]),
                 epochs=self.cfg.collafuse.server_epochs, batch_size=self.cfg.train.batch_size,
@@ -282,7 +283,7 @@ class CollaFuse(FedappStrategy):
 
     def state(self) -> StrategyState:
         """What a resume needs beyond the weights: the server's optimizer."""
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"optimizer": self.stepper.state_dict()}
 
     def restore(self, state: StrategyState) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.stepper.load_state_dict(state["optimizer"])  # type: ignore[arg-type]

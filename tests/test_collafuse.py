@@ -17,8 +17,9 @@ from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import build_unet
 from fedapp.protocol.keys import sample_seeds
 from fedapp.protocol.records import decode_array, decode_record, load_record, upload_to_record
-from fedapp.runs.node_state import load_node_model
+from fedapp.runs.node_state import load_node_model, sampling_weights
 from fedapp.train.collafuse import Upload, chain_split, client_round, server_steps, split_sample
+from fedapp.train.optim import Recipe, Stepper
 from strategies import CollaFuse, build_strategy
 from tests.support.inprocess import run_inprocess, tiny_config
 from tests.support.mocks import reply_from
@@ -56,7 +57,7 @@ def _tiny_unet() -> nn.Module:
 def test_routing_by_timestep_is_exact(cut: int) -> None:
     diffusion = Diffusion(1000)
     client = SpyModel(_tiny_unet())
-    done, upload = client_round(client, diffusion, _images(), cut, epochs=2, batch_size=16, lr=1e-3, seed=3,
+    done, upload = client_round(client, diffusion, _images(), cut, epochs=2, batch_size=16, recipe=Recipe(1e-3), seed=3,
                                 device=torch.device("cpu"), upload_cap=10_000)
     trained = torch.cat(client.seen) if client.seen else torch.empty(0, dtype=torch.long)
     assert len(trained) == done.own.images and (trained < cut).all()
@@ -64,8 +65,8 @@ def test_routing_by_timestep_is_exact(cut: int) -> None:
     assert done.own.images + len(upload) == done.drawn == 2 * 96  # every draw went exactly one way
 
     server = SpyModel(_tiny_unet())
-    optimizer = torch.optim.Adam(server.parameters(), lr=1e-3)
-    result = server_steps(server, optimizer, diffusion, upload.x_t, upload.t, upload.target, epochs=1,
+    stepper = Stepper(dict(server.named_parameters()), Recipe(1e-3))
+    result = server_steps(server, stepper, diffusion, upload.x_t, upload.t, upload.target, epochs=1,
                           batch_size=32, seed=0, device=torch.device("cpu"))
     assert result.images == len(upload)
     seen = torch.cat(server.seen) if server.seen else torch.empty(0, dtype=torch.long)
@@ -74,7 +75,7 @@ def test_routing_by_timestep_is_exact(cut: int) -> None:
 
 def test_upload_is_capped_and_the_x0_it_came_from_is_kept() -> None:
     diffusion = Diffusion(1000)
-    done, upload = client_round(_tiny_unet(), diffusion, _images(), 0, epochs=3, batch_size=16, lr=1e-3, seed=0,
+    done, upload = client_round(_tiny_unet(), diffusion, _images(), 0, epochs=3, batch_size=16, recipe=Recipe(1e-3), seed=0,
                                 device=torch.device("cpu"), upload_cap=40)
     assert len(upload) == 40 and done.own.images == 0 and done.own.steps == 0
     assert done.drawn == 48  # c = 0: it stops drawing once the upload is full
@@ -143,7 +144,7 @@ def test_split_inference_equals_both_models_back_to_back(tmp_path: Path, sampler
     for reply in replies:
         node = reply.metadata.src_node_id
         client = build_model(cfg)
-        client.load_state_dict(load_node_model(run.state_dir(node))["model"])  # type: ignore[index, arg-type]
+        client.load_state_dict(sampling_weights(load_node_model(run.state_dir(node))))  # type: ignore[arg-type]
         server_seed, client_seed = sample_seeds(cfg.seed, 2, int(reply.content["metrics"]["partition-id"]))
         n = max(cfg.eval.metric_samples, cfg.eval.num_samples)
         expected = split_sample(server, client, diffusion, n, (1, 28, 28), 300, kind=sampler,  # type: ignore[arg-type]
@@ -188,9 +189,10 @@ def test_server_optimizer_persists_across_rounds(tmp_path: Path) -> None:
     steps = sum(int(dict(m.content["metrics"])["upload-samples"]) for m in run.replies
                 if m.metadata.message_type == "train.collafuse")
     assert steps > 0
-    state = run.strategy.state()["optimizer"]["state"]  # type: ignore[index]
+    state = run.strategy.state()["optimizer"]  # type: ignore[index]
     expected = sum(-(-s // run.cfg.train.batch_size) for s in _server_samples_per_round(run))
-    assert int(next(iter(state.values()))["step"]) == expected
+    assert state["steps"] == expected  # the warm-up's count
+    assert int(next(iter(state["moments"].values()))["step"]) == expected  # Adam's own
 
 
 def _server_samples_per_round(run) -> list[int]:  # type: ignore[no-untyped-def]

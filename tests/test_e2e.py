@@ -185,7 +185,7 @@ def test_collafuse_runs_end_to_end(shared_flwr) -> None:  # type: ignore[no-unty
     assert all(t["parts"] in ([], ["other"]) for t in transfers), "a UNet weight travelled"
 
     _, _, payload = load_checkpoint(run / "final.pt")
-    assert sorted(payload["extra"]["clients"]) == [0, 1] and payload["extra"]["strategy"]["optimizer"]["state"]
+    assert sorted(payload["extra"]["clients"]) == [0, 1] and payload["extra"]["strategy"]["optimizer"]["moments"]
     _sample_client(run, 0, tmp / "collafuse-client0.png")  # the server's model to t_c, client 0's after
     refused = subprocess.run([sys.executable, "-m", "fedapp", "sample", str(run / "final.pt")],
                              capture_output=True, text=True, check=False)

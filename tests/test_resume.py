@@ -11,7 +11,7 @@ import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from fedapp.runs.checkpoint import load_checkpoint
-from fedapp.runs.node_state import load_node_model
+from fedapp.runs.node_state import OPTIMIZER, load_node_model, load_node_round
 from fedapp.runs.rundir import read_jsonl
 from server_app.app import main as server_main
 from tests.support.inprocess import RUN_ID, InProcessRun, tiny_config
@@ -79,15 +79,31 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, method
     diff = max(float((a - b).abs().max()) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
     assert diff == 0.0, f"resumed and uninterrupted final models differ by {diff:.3g}"
     assert [r["round"] for r in payload["extra"]["metrics"]] == [1, 2, 3, 4]
-    # The resumed run's clients found the first run's state (another run id) and trained it on.
+    if method == "usplit":  # the server's EMA of the global model came through the resume
+        trained, _, _ = load_checkpoint(run / "final.pt", sampling=False)
+        assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), got.state_dict().values()))
+        theirs_ema = load_checkpoint(tmp_path / "whole" / "runs" / "run" / "final.pt")[2]["ema"]
+        assert payload["ema"]["steps"] == theirs_ema["steps"] > 0
+    # The resumed run's clients found the first run's state (another run id) and trained it on:
+    # their Adam moments and step counts, their models and those models' EMAs.
     for node in NODES:
+        mine_adam = load_node_round(resumed.state_dir(node, run_id=RUN_ID), OPTIMIZER)
+        theirs_adam = load_node_round(whole.state_dir(node), OPTIMIZER)
+        assert mine_adam is not None and theirs_adam is not None and mine_adam["round"] == 4
+        ours, reference = mine_adam["optimizer"], theirs_adam["optimizer"]  # type: ignore[index]
+        assert ours["steps"] == reference["steps"] > 0  # type: ignore[index]
+        assert all(torch.equal(m["exp_avg_sq"], reference["moments"][k]["exp_avg_sq"])  # type: ignore[index]
+                   for k, m in ours["moments"].items())  # type: ignore[index]
         mine = load_node_model(resumed.state_dir(node, run_id=RUN_ID))
         theirs = load_node_model(whole.state_dir(node))
         if method == "usplit":
-            assert mine is None and theirs is None  # USplit keeps nothing on the nodes
+            assert mine is None and theirs is None  # USplit keeps no model on the nodes
             continue
         assert mine is not None and theirs is not None and mine["round"] == 4
         assert all(torch.equal(mine["model"][k], theirs["model"][k]) for k in theirs["model"])  # type: ignore[index]
+        ema, reference_ema = mine["ema"], theirs["ema"]  # type: ignore[index]
+        assert ema["steps"] == reference_ema["steps"] > 0  # type: ignore[index]
+        assert all(torch.equal(v, reference_ema["weights"][k]) for k, v in ema["weights"].items())  # type: ignore[index]
     if method == "usplit":  # the task generator resumed too: rounds 3 and 4 drew the same tasks
         def tasks(clients: InProcessRun, rounds: set[int]) -> list[tuple[int, int, str]]:
             return [(int(m.content["config"]["server-round"]), m.metadata.dst_node_id,

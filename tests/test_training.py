@@ -12,6 +12,7 @@ import torch
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import UNet, unet_parts
 from fedapp.train.loop import TrainResult, denoising_loss, pick_device, train_local
+from fedapp.train.optim import Recipe
 
 CPU = torch.device("cpu")
 
@@ -34,7 +35,7 @@ def fake_images(n: int, side: int = 8, seed: int = 0) -> torch.Tensor:
 
 
 def train(model: UNet, diffusion: Diffusion, images: torch.Tensor, **kwargs: object) -> TrainResult:
-    options: dict = {"epochs": 1, "batch_size": 4, "lr": 1e-3, "seed": 0, "device": CPU}
+    options: dict = {"epochs": 1, "batch_size": 4, "recipe": Recipe(lr=1e-3), "seed": 0, "device": CPU}
     options.update(kwargs)
     return train_local(model, diffusion, images, **options)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from fedapp.config import FedConfig
 from fedapp.data.pixels import image_shape
+from fedapp.data.sources import DatasetNotFoundError, load_split
 from fedapp.eval.frechet import (
     Stats,
     feature_spaces,
@@ -58,6 +59,28 @@ class QualityMeter:
                                   progress=self.cfg.output.progress, desc=f"{space.name} samples")
             out[space.name] = frechet_distance(stats, self.references[space.name])
         return out
+
+    @cached_property
+    def anchors(self) -> dict[str, dict[str, float]]:
+        """Where a score sits, per space: N clamped Gaussian noise images and N real training images.
+
+        Measured once per process against the same reference statistics, with N = eval.metric-samples
+        (``bench/fd_cnn_anchors.py`` spreads them over seeds). Without the real training images here
+        (a deployment's server) only the noise anchor is given.
+        """
+        n = self.cfg.eval.metric_samples
+        if not self.enabled:
+            return {}
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        channels, side = image_shape(self.cfg.data)
+        sets = {"noise": torch.randn((n, channels, side, side), generator=gen).clamp(-1, 1)}
+        try:
+            train = load_split(self.cfg.data, "train").images
+            sets["real"] = train[torch.randperm(len(train), generator=gen)[:n]]
+        except DatasetNotFoundError:
+            pass
+        scored = {name: self.score(images) for name, images in sets.items()}
+        return {space.name: {name: scores[space.name] for name, scores in scored.items()} for space in self.spaces}
 
     def draw(self, model: nn.Module, diffusion: Diffusion, n: int, seed: int | None = None) -> torch.Tensor:
         """n seeded samples with the configured evaluation sampler."""

@@ -35,9 +35,11 @@ class Diffusion:
         beta_end: float = 0.02,
         loss: Literal["huber", "mse"] = "huber",
         clip_sample: bool = False,
+        min_snr_gamma: float = 0.0,
     ) -> None:
         self.timesteps = timesteps
         self.loss_kind = loss
+        self.min_snr_gamma = min_snr_gamma
         self.scheduler = DDPMScheduler(
             num_train_timesteps=timesteps,
             beta_start=beta_start,
@@ -47,13 +49,11 @@ class Diffusion:
             variance_type="fixed_small",
             clip_sample=clip_sample,
         )
-        self._loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
-            F.smooth_l1_loss if loss == "huber" else F.mse_loss
-        )
+        self._loss_fn: Callable[..., torch.Tensor] = F.smooth_l1_loss if loss == "huber" else F.mse_loss
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> Diffusion:
-        return cls(cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.loss, cfg.clip_sample)
+        return cls(cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.loss, cfg.clip_sample, cfg.min_snr_gamma)
 
     # ----------------------------------------------------------------------------- training
     def check_range(self, t_range: TimeRange | None) -> TimeRange:
@@ -80,14 +80,30 @@ class Diffusion:
         x0: torch.Tensor,
         t_range: TimeRange | None = None,
         generator: torch.Generator | None = None,
+        weighted: bool = True,
     ) -> torch.Tensor:
-        """The ε-prediction loss on timesteps drawn from ``t_range`` = [lo, hi) (all by default)."""
-        x_t, t, noise = self.noised(x0, t_range, generator)
-        return self.loss_on(model, x_t, t, noise)
+        """The ε-prediction loss on timesteps drawn from ``t_range`` = [lo, hi) (all by default).
 
-    def loss_on(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ``weighted=False`` drops the Min-SNR weights: held-out losses stay comparable across recipes.
+        """
+        x_t, t, noise = self.noised(x0, t_range, generator)
+        return self.loss_on(model, x_t, t, noise, weighted)
+
+    def loss_on(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                weighted: bool = True) -> torch.Tensor:
         """The ε-prediction loss on given triples: CollaFuse's server trains on what it received."""
-        return self.criterion(model(x_t, t), target)
+        prediction = model(x_t, t)
+        if not (weighted and self.min_snr_gamma):
+            return self.criterion(prediction, target)
+        per_image = self._loss_fn(prediction, target, reduction="none").flatten(1).mean(1)
+        return (per_image * self.snr_weights(t)).mean()
+
+    def snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ weights of ε-prediction, min(SNR(t), γ) / SNR(t), with diffusers' SNR."""
+        from diffusers.training_utils import compute_snr  # training only: not on a sampling path
+
+        snr = compute_snr(self.scheduler, t.long())
+        return snr.clamp(max=self.min_snr_gamma) / snr
 
     def criterion(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The configured loss (Huber or MSE, mean over all elements) between ε̂ and ε."""

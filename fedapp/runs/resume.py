@@ -37,6 +37,7 @@ class ResumePoint:
     round: int
     model: dict[str, torch.Tensor]
     extra: dict[str, Any]
+    ema: dict[str, Any] | None = None  # the server's EMA of the global model, when it keeps one
 
     @property
     def state_run(self) -> int:
@@ -97,4 +98,4 @@ def load_resume_point(cfg: FedConfig) -> ResumePoint:
     if cfg.train.rounds <= done:
         raise ConfigError(f"nothing to resume: {path.name} has finished round {done} of train.rounds = "
                           f"{cfg.train.rounds}; raise train.rounds to train on")
-    return ResumePoint(RunDir(path), checkpoint, done, payload["model"], extra)
+    return ResumePoint(RunDir(path), checkpoint, done, payload["model"], extra, payload.get("ema"))

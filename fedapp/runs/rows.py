@@ -47,18 +47,51 @@ class RoundClock:
         }
 
 
-def quality_entry(cfg: FedConfig, scores: dict[str, float]) -> dict[str, Any]:
-    """Fréchet scores with what they were measured on: how many samples and which sampler."""
+def quality_entry(cfg: FedConfig, scores: dict[str, float],
+                  anchors: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """Fréchet scores with what they were measured on (how many samples, which sampler) and the anchors."""
     ev = cfg.eval
-    return {**scores, "samples": ev.metric_samples, "sampler": f"{ev.sampler}-{ev.sampler_steps}"}
+    entry = {**scores, "samples": ev.metric_samples, "sampler": f"{ev.sampler}-{ev.sampler_steps}"}
+    if anchors:
+        entry["anchors"] = anchors
+    return entry
+
+
+def _megabytes(count: float) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
+def summary_line(row: Row, rounds: int, sent_bytes: int | None = None) -> str:
+    """The one line a round leaves in the log: losses, quality beside its anchors, bytes, grid, time."""
+    parts = [f"round {row['round']}/{rounds}"]
+    for phase, key in (("train", "train-loss"), ("evaluate", "eval-loss")):
+        value = row.get(phase, {}).get(key)
+        if isinstance(value, int | float):
+            parts.append(f"{key} {value:.4f}")
+    quality = row.get("quality", {})
+    for name in ("fd-cnn", "fid"):
+        if name not in quality:
+            continue
+        spread = f" ± {quality[f'{name}-std']:.1f} over {int(quality.get('clients', 0))} clients" \
+            if f"{name}-std" in quality else ""
+        anchors = quality.get("anchors", {}).get(name, {})
+        where = ", ".join(f"{k} {v:.1f}" for k, v in anchors.items())
+        samples = f"{quality.get('samples')} {quality.get('sampler')} samples"
+        parts.append(f"{name.upper()} {quality[name]:.1f}{spread} ({where + '; ' if where else ''}{samples})")
+    if sent_bytes is not None:
+        parts.append(f"{_megabytes(sent_bytes)} moved so far")
+    if "samples" in row:
+        parts.append(f"grid {row['samples']}")
+    parts.append(f"{row['round_s']:.1f} s")
+    return " | ".join(parts)
 
 
 def close_round(run: RunDir, cfg: FedConfig, model: nn.Module, rows: list[Row], row: Row,
-                now: float, extra: dict[str, Any]) -> None:
-    """Checkpoint the round (with every row so far), then log its row and keep it in ``rows``."""
+                now: float, extra: dict[str, Any], ema: dict[str, Any] | None = None) -> None:
+    """Checkpoint the round (with every row so far, and the model's EMA), then log its row and keep it in ``rows``."""
     checkpoint = run.checkpoint_path(row["round"])
     row["checkpoint"] = str(checkpoint.relative_to(run.path))
     row["record_s"] = round(time.perf_counter() - now, 3)
-    save_checkpoint(checkpoint, cfg, row["round"], model, extra={**extra, "metrics": rows + [row]})
+    save_checkpoint(checkpoint, cfg, row["round"], model, extra={**extra, "metrics": rows + [row]}, ema=ema)
     rows.append(row)
     run.append_jsonl(run.metrics_path, row)

@@ -9,14 +9,20 @@ call these pieces (``fedapp.protocol.records`` encodes the upload), and the test
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fedapp.data.pixels import to_model_range
 from fedapp.model.diffusion import Diffusion, Sampler
-from fedapp.train.loop import Tally, TrainResult, optimizer_step, shuffled_batches
+from fedapp.train.loop import Tally, TrainResult, shuffled_batches
+from fedapp.train.optim import Recipe, Stepper
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 
 @dataclass(frozen=True)
@@ -48,23 +54,28 @@ def client_round(
     *,
     epochs: int,
     batch_size: int,
-    lr: float,
+    recipe: Recipe,
     seed: int,
     device: torch.device,
     upload_cap: int,
     max_steps: int = 0,
+    optimizer: Mapping[str, Any] | None = None,
+    ema: EMAModel | None = None,
     progress: bool = False,
     desc: str = "collafuse client",
 ) -> tuple[ClientRound, Upload]:
     """Draw t ~ U{0..T-1} and ε per image; train on t < t_cut and keep up to ``upload_cap`` of the rest.
 
     ``max_steps`` > 0 caps the batches drawn. Once the upload is full and the client owns
-    no timestep (t_cut = 0), drawing more would change nothing, so it stops.
+    no timestep (t_cut = 0), drawing more would change nothing, so it stops. ``optimizer`` and
+    ``ema`` as in :func:`~fedapp.train.loop.train_local`.
     """
     if len(images) == 0:
         raise ValueError("cannot train on an empty partition")
     model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    stepper = Stepper(dict(model.named_parameters()), recipe, optimizer)
+    if ema is not None:
+        ema.to(device)
     order_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     source = images.to(device)
@@ -78,7 +89,9 @@ def client_round(
         drawn, batches = drawn + len(t), batches + 1
         if bool(low.any()):
             loss = diffusion.loss_on(model, x_t[low], t[low], eps[low])
-            optimizer_step(optimizer, loss)
+            stepper.step(loss)
+            if ema is not None:
+                ema.step(model.parameters())
             own.add(loss, int(low.sum()))
         high = (~low).nonzero().flatten()
         take = high[: max(upload_cap - kept, 0)]
@@ -88,12 +101,12 @@ def client_round(
         if (max_steps > 0 and batches >= max_steps) or (t_cut == 0 and kept >= upload_cap):
             break
     upload = Upload(**{name: torch.cat(chunks) for name, chunks in parts.items()})
-    return ClientRound(own=own.result(), drawn=drawn), upload
+    return ClientRound(own=own.result(stepper), drawn=drawn), upload
 
 
 def server_steps(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    stepper: Stepper,
     diffusion: Diffusion,
     x_t: torch.Tensor,
     t: torch.Tensor,
@@ -111,7 +124,7 @@ def server_steps(
     tally = Tally(device)
     for pick in shuffled_batches(len(t), batch_size, epochs, gen, device):
         loss = diffusion.loss_on(model, x_t[pick], t[pick], target[pick])
-        optimizer_step(optimizer, loss)
+        stepper.step(loss)
         tally.add(loss, len(pick))
     return tally.result()
 

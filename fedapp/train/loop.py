@@ -1,16 +1,18 @@
 """Local DDPM training and the held-out denoising loss, as plain PyTorch loops.
 
 One epoch loop serves every trainer: :func:`shuffled_batches` deals the index batches of
-E shuffled passes, :class:`Tally` sums the loss on the device and times the work, and
-:func:`optimizer_step` takes one step. Local training (FedDiffuse and the centralized
-baseline) and both halves of CollaFuse (``fedapp.train.collafuse``) are built from them.
+E shuffled passes, :class:`Tally` sums the loss on the device and times the work, and a
+:class:`~fedapp.train.optim.Stepper` takes each step (warm-up and clipping included). Local
+training (FedDiffuse and the centralized baseline) and both halves of CollaFuse
+(``fedapp.train.collafuse``) are built from them. An EMA, when given, is updated after every step.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +20,10 @@ from tqdm.auto import tqdm
 
 from fedapp.data.pixels import to_model_range
 from fedapp.model.diffusion import Diffusion, TimeRange
+from fedapp.train.optim import Recipe, Stepper
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,7 @@ class TrainResult:
     steps: int
     images: int
     seconds: float
+    optimizer: dict[str, Any] | None = None  # the Stepper's state after the last step, to continue from
 
     @property
     def images_per_s(self) -> float:
@@ -39,12 +46,6 @@ def shuffled_batches(n: int, batch_size: int, epochs: int, generator: torch.Gene
         order = torch.randperm(n, generator=generator).to(device)
         for first in range(0, n, batch_size):
             yield order[first : first + batch_size]
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
 
 
 @dataclass
@@ -65,9 +66,10 @@ class Tally:
         self.seen += count
         self.steps += 1
 
-    def result(self) -> TrainResult:
+    def result(self, stepper: Stepper | None = None) -> TrainResult:
         mean = self.total.item() / self.seen if self.seen else 0.0  # waits for the last step
-        return TrainResult(loss=mean, steps=self.steps, images=self.seen, seconds=time.perf_counter() - self.start)
+        return TrainResult(loss=mean, steps=self.steps, images=self.seen, seconds=time.perf_counter() - self.start,
+                           optimizer=stepper.state_dict() if stepper is not None else None)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -90,19 +92,23 @@ def train_local(
     *,
     epochs: int,
     batch_size: int,
-    lr: float,
+    recipe: Recipe,
     seed: int,
     device: torch.device,
     max_steps: int = 0,
     t_range: TimeRange | None = None,
     trainable: Iterable[str] | None = None,
+    optimizer: Mapping[str, Any] | None = None,
+    ema: EMAModel | None = None,
     progress: bool = False,
     desc: str = "local training",
 ) -> TrainResult:
-    """E epochs of Adam on the ε-loss over uint8 ``images``; a fresh optimizer per call.
+    """E epochs of Adam on the ε-loss over uint8 ``images``.
 
     ``trainable`` names the parameters to update (all by default); ``max_steps`` > 0 caps
-    the optimizer steps, for quick runs.
+    the optimizer steps, for quick runs. ``optimizer``: a saved Stepper state to continue
+    (a fresh Adam without it); the result carries the state after. ``ema`` is stepped after
+    every optimizer step.
     """
     if len(images) == 0:
         raise ValueError("cannot train on an empty partition")
@@ -115,8 +121,11 @@ def train_local(
     try:
         for name, param in named.items():
             param.requires_grad_(name in keep)
-        return _epochs(model, diffusion, images, [p for n, p in named.items() if n in keep],
-                       epochs, batch_size, lr, seed, device, max_steps, t_range, progress, desc)
+        stepper = Stepper({n: p for n, p in named.items() if n in keep}, recipe, optimizer)
+        if ema is not None:
+            ema.to(device)
+        return _epochs(model, diffusion, images, stepper, ema, epochs, batch_size, seed, device, max_steps,
+                       t_range, progress, desc)
     finally:
         for param in named.values():
             param.requires_grad_(True)
@@ -126,10 +135,10 @@ def _epochs(
     model: nn.Module,
     diffusion: Diffusion,
     images: torch.Tensor,
-    params: list[nn.Parameter],
+    stepper: Stepper,
+    ema: EMAModel | None,
     epochs: int,
     batch_size: int,
-    lr: float,
     seed: int,
     device: torch.device,
     max_steps: int,
@@ -137,7 +146,6 @@ def _epochs(
     progress: bool,
     desc: str,
 ) -> TrainResult:
-    optimizer = torch.optim.Adam(params, lr=lr)
     order_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     source = images.to(device)  # the uint8 partition is small: on a GPU it goes over once, not per batch
@@ -145,11 +153,13 @@ def _epochs(
     for pick in shuffled_batches(len(images), batch_size, epochs, order_gen, device, progress=progress, desc=desc):
         x0 = to_model_range(source[pick])
         loss = diffusion.loss(model, x0, t_range, noise_gen)
-        optimizer_step(optimizer, loss)
+        stepper.step(loss)
+        if ema is not None:
+            ema.step(model.parameters())
         tally.add(loss, len(x0))
         if max_steps and tally.steps >= max_steps:
             break
-    return tally.result()
+    return tally.result(stepper)
 
 
 @torch.no_grad()
@@ -173,7 +183,7 @@ def denoising_loss(
     try:
         for first in range(0, len(images), batch_size):
             x0 = to_model_range(images[first : first + batch_size]).to(device)
-            total += diffusion.loss(model, x0, t_range, gen).item() * len(x0)
+            total += diffusion.loss(model, x0, t_range, gen, weighted=False).item() * len(x0)
     finally:
         model.train(was_training)
     return total / len(images)
