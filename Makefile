@@ -31,13 +31,14 @@ run: install
 	$(BIN)/fedapp run --clients $(CLIENTS) --run-config '$(RUN_CONFIG)' --resources "$(CPU_SHARE)"
 
 # A federated model that draws garments (conf/demo.toml), under an hour on 2 cores. Run it again after
-# an interruption and it resumes runs/demo at its last round checkpoint; a runs/demo without any
-# checkpoint holds no training and is started over.
+# an interruption and it resumes runs/demo at its last round checkpoint, up to the rounds conf/demo.toml
+# gives now; a runs/demo without any checkpoint holds no training and is started over.
 DEMO_DIR = $(CURDIR)/runs/demo
 demo: install
 	@if [ -f "$(DEMO_DIR)/final.pt" ]; then echo "$(DEMO_DIR) is finished (final.pt); move it away to run the demo again"; \
 	elif ls "$(DEMO_DIR)"/checkpoints/round-*.pt >/dev/null 2>&1; then \
-	  $(BIN)/fedapp resume "$(DEMO_DIR)" -- --federation-config "num-supernodes=5 $(CPU_SHARE)"; \
+	  $(BIN)/fedapp resume "$(DEMO_DIR)" --rounds $$(sed -n 's/^rounds = //p' conf/demo.toml) \
+	    -- --federation-config "num-supernodes=5 $(CPU_SHARE)"; \
 	else rm -rf "$(DEMO_DIR)" && $(BIN)/fedapp run --clients 5 --run-config conf/demo.toml \
 	  --run-config 'output.dir="$(CURDIR)/runs" output.name="demo"' --resources "$(CPU_SHARE)"; fi
 

@@ -150,13 +150,38 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def merged_run_config(items: list[str]) -> list[str]:
+    """``--run-config`` values as flwr run takes them: TOML files or key=value pairs, never both.
+
+    Given both (``make demo``: a config in conf/ and the run directory), each file becomes its pairs.
+    """
+    import tomllib
+
+    from fedapp.config import flatten, run_config_arg
+
+    files = [Path(item) for item in items if item.endswith(".toml")]
+    if not files or len(files) == len(items):
+        return items
+    merged = []
+    for item in items:
+        if item.endswith(".toml"):
+            try:
+                merged.append(run_config_arg(flatten(tomllib.loads(Path(item).read_text()))))
+            except (OSError, tomllib.TOMLDecodeError) as err:
+                raise ValueError(f"--run-config {item}: {err}") from None
+        else:
+            merged.append(item)
+    return [" ".join(merged)]
+
+
 def _run(args: argparse.Namespace) -> int:
     """A local simulation (or a run on ``--connection``) that exits non-zero unless the run finished."""
     from fedapp.deploy.simulation import launch
 
     clients = f"num-supernodes={args.clients}" if args.clients and not args.connection else ""
     federation = " ".join(filter(None, [clients, args.resources]))
-    return launch(args.app.resolve(), args.run_config, args.flwr_args, federation, args.connection)
+    return launch(args.app.resolve(), merged_run_config(args.run_config), args.flwr_args, federation,
+                  args.connection)
 
 
 def _resume(args: argparse.Namespace) -> int:

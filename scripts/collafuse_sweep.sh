@@ -11,6 +11,9 @@ mkdir -p "$out"
 # server's. lr 1e-3 on both sides, as scripts/reproduce_cpu.sh. Scored once, after the last round:
 # FD-CNN over 256 split-inference samples per client (DDPM-50).
 scale='data.max-train-examples=3000 data.num-partitions=3 train.rounds=4 train.local-epochs=1 train.batch-size=32'
+# The recipe docs/RESULTS.md was measured with, before issue 16's: a fresh Adam every round, no warm-up,
+# clipping, Min-SNR weighting or EMA (the defaults now turn them on).
+scale="$scale"' train.optimizer-state="fresh" train.warmup-steps=0 train.grad-clip=0.0 train.ema-decay=0.0 diffusion.min-snr-gamma=0.0'
 scale="$scale"' train.lr=0.001 eval.every=4 eval.metric-samples=256 eval.fid="off" output.progress=false'
 runs=()
 for c in 0 0.2 0.5 0.8 1.0; do

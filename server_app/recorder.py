@@ -17,7 +17,7 @@ from fedapp.config import FedConfig
 from fedapp.data.partition import plot_label_distribution
 from fedapp.data.share import pool_partitioner
 from fedapp.data.sources import DatasetNotFoundError
-from fedapp.eval.frechet import METRIC_NAMES
+from fedapp.eval.frechet import METRIC_NAMES, QUALITY_NAMES
 from fedapp.eval.grid import save_grid
 from fedapp.eval.quality import QualityMeter
 from fedapp.log import log
@@ -197,7 +197,7 @@ class RoundRecorder:
     @staticmethod
     def _client_scores(evaluate: dict[str, float]) -> dict[str, object]:
         """The clients' own Fréchet scores (mean and std over clients), moved out of the evaluate row."""
-        quality: dict[str, object] = {k: evaluate.pop(k) for k in list(evaluate) if k.removesuffix("-std") in METRIC_NAMES}
+        quality: dict[str, object] = {k: evaluate.pop(k) for k in list(evaluate) if k.removesuffix("-std") in QUALITY_NAMES}
         if quality:
             quality["clients"] = evaluate.get("clients", 0.0)
         return quality

@@ -109,3 +109,16 @@ def test_arguments_after_a_double_dash_go_to_flwr_run(tmp_path: Path, monkeypatc
     with pytest.raises(SystemExit):
         main(["check", "--", "x=1"])
     assert "fedapp check takes no arguments after --" in capsys.readouterr().err
+
+
+def test_a_config_file_and_pairs_become_one_run_config_flwr_accepts(tmp_path: Path) -> None:
+    """flwr run refuses TOML files alongside key=value pairs; fedapp run turns the files into pairs."""
+    from fedapp.cli import merged_run_config
+
+    conf = tmp_path / "demo.toml"
+    conf.write_text('[train]\nrounds = 12\n\n[output]\nname = "demo"\n')
+    assert merged_run_config([str(conf), 'output.dir="/runs"']) == ['train.rounds=12 output.name="demo" output.dir="/runs"']
+    assert merged_run_config([str(conf)]) == [str(conf)]  # flwr reads a lone file itself
+    assert merged_run_config(["seed=1"]) == ["seed=1"]
+    with pytest.raises(ValueError, match="missing.toml"):
+        merged_run_config([str(tmp_path / "missing.toml"), "seed=1"])

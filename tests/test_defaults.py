@@ -22,3 +22,6 @@ def test_the_paper_config_sets_every_key_where_the_paper_differs() -> None:
     assert paper.data.max_train_examples == 0 and paper.diffusion.clip_sample is False
     assert paper.eval.metric_samples == 1000 and paper.eval.sampler_steps == 1000
     assert paper.train.lr == 1e-4 and paper.diffusion.loss == "huber"
+    # the authors' recipe: a fresh Adam per round, nothing of the CPU recipe
+    assert (paper.train.optimizer_state, paper.train.warmup_steps, paper.train.grad_clip) == ("fresh", 0, 0.0)
+    assert paper.train.ema_decay == 0.0 and paper.diffusion.min_snr_gamma == 0.0

@@ -16,6 +16,8 @@ from fedapp.eval import frechet, inception
 from fedapp.eval.frechet import (
     FD_CNN,
     FID,
+    PRECISION,
+    RECALL,
     ClassifierFeatures,
     Stats,
     feature_spaces,
@@ -234,7 +236,8 @@ def test_fid_code_path_with_test_written_weights(tmp_path: Path, test_written_we
     })
     meter = QualityMeter(cfg)
     scores, grid = meter.measure(build_model(cfg, seed=0), build_diffusion(cfg), keep=3)
-    assert set(scores) == {FD_CNN, FID} and all(np.isfinite(v) and v >= 0 for v in scores.values())
+    assert set(scores) == {FD_CNN, FID, PRECISION, RECALL} and all(np.isfinite(v) and v >= 0 for v in scores.values())
+    assert 0 <= scores[PRECISION] <= 1 and 0 <= scores[RECALL] <= 1
     assert grid.shape == (3, 1, 28, 28)
     names = sorted(p.name for p in tmp_path.glob("*.npz"))
     assert len(names) == 2 and any("-fid-random-inception.pth-" in n for n in names)

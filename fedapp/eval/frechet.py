@@ -35,6 +35,9 @@ from fedapp.log import log
 FD_CNN = "fd-cnn"
 FID = "fid"
 METRIC_NAMES = (FD_CNN, FID)
+# Improved precision and recall (fedapp.eval.precision_recall), in the classifier's feature space
+PRECISION, RECALL = f"{FD_CNN}-precision", f"{FD_CNN}-recall"
+QUALITY_NAMES = (*METRIC_NAMES, PRECISION, RECALL)
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,22 @@ class ClassifierFeatures(nn.Module):
 def feature_stats(space: nn.Module, images: torch.Tensor, *, batch_size: int = 256,
                   device: torch.device | str = "cpu", progress: bool = False, desc: str = "features") -> Stats:
     """Mean and covariance of ``space``'s features over uint8 or [-1, 1] float images."""
-    if len(images) < 2:
+    if len(images) < 2:  # before any feature is computed
         raise ValueError(f"a covariance needs at least 2 images, got {len(images)}")
+    return stats_of(features(space, images, batch_size=batch_size, device=device, progress=progress, desc=desc))
+
+
+def stats_of(f: np.ndarray) -> Stats:
+    """Mean and covariance of features (N, D)."""
+    if len(f) < 2:
+        raise ValueError(f"a covariance needs at least 2 images, got {len(f)}")
+    return Stats(mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False), n=len(f))
+
+
+@torch.no_grad()
+def features(space: nn.Module, images: torch.Tensor, *, batch_size: int = 256,
+             device: torch.device | str = "cpu", progress: bool = False, desc: str = "features") -> np.ndarray:
+    """``space``'s features (N, D) in float64 of uint8 or [-1, 1] float images; finite or a ValueError."""
     space = space.to(device).eval()
     feats = []
     for first in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
@@ -77,7 +94,7 @@ def feature_stats(space: nn.Module, images: torch.Tensor, *, batch_size: int = 2
     f = torch.cat(feats).numpy()
     if not np.isfinite(f).all():
         raise ValueError(f"{space.name} features are not finite; the images hold NaN or Inf")
-    return Stats(mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False), n=len(f))
+    return f
 
 
 class _SqrtmWithDisp(ModuleType):

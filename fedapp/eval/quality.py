@@ -15,13 +15,18 @@ from fedapp.config import FedConfig
 from fedapp.data.pixels import image_shape
 from fedapp.data.sources import DatasetNotFoundError, load_split
 from fedapp.eval.frechet import (
+    FD_CNN,
+    PRECISION,
+    RECALL,
     Stats,
     feature_spaces,
-    feature_stats,
+    features,
     frechet_distance,
     reference_stats,
     stats_dir,
+    stats_of,
 )
+from fedapp.eval.precision_recall import precision_recall
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.sampling import generate
 
@@ -51,13 +56,25 @@ class QualityMeter:
     def enabled(self) -> bool:
         return bool(self.spaces)
 
+    @cached_property
+    def real_features(self) -> torch.Tensor:
+        """FD-CNN features of eval.metric-samples seeded real images of the reference split (for precision/recall)."""
+        ev = self.cfg.eval
+        real = load_split(self.cfg.data, ev.reference_split).images
+        real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(self.cfg.seed))[:ev.metric_samples]]
+        space = next(s for s in self.spaces if s.name == FD_CNN)
+        return torch.from_numpy(features(space, real, batch_size=ev.batch_size, device=self.device))
+
     def score(self, images: torch.Tensor) -> dict[str, float]:
-        """One distance per space for images in [-1, 1] (or uint8)."""
+        """One distance per space for images in [-1, 1] (or uint8); in FD-CNN's space also precision and recall."""
         out: dict[str, float] = {}
         for space in self.spaces:
-            stats = feature_stats(space, images, batch_size=self.cfg.eval.batch_size, device=self.device,
-                                  progress=self.cfg.output.progress, desc=f"{space.name} samples")
-            out[space.name] = frechet_distance(stats, self.references[space.name])
+            f = features(space, images, batch_size=self.cfg.eval.batch_size, device=self.device,
+                         progress=self.cfg.output.progress, desc=f"{space.name} samples")
+            out[space.name] = frechet_distance(stats_of(f), self.references[space.name])
+            if space.name == FD_CNN and len(f) > 3:
+                scores = precision_recall(self.real_features, torch.from_numpy(f))
+                out[PRECISION], out[RECALL] = scores["precision"], scores["recall"]
         return out
 
     @cached_property

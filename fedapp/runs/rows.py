@@ -78,6 +78,8 @@ def summary_line(row: Row, rounds: int, sent_bytes: int | None = None) -> str:
         where = ", ".join(f"{k} {v:.1f}" for k, v in anchors.items())
         samples = f"{quality.get('samples')} {quality.get('sampler')} samples"
         parts.append(f"{name.upper()} {quality[name]:.1f}{spread} ({where + '; ' if where else ''}{samples})")
+        if name == "fd-cnn" and "fd-cnn-precision" in quality:
+            parts.append(f"precision {quality['fd-cnn-precision']:.2f} recall {quality['fd-cnn-recall']:.2f}")
     if sent_bytes is not None:
         parts.append(f"{_megabytes(sent_bytes)} moved so far")
     if "samples" in row:
