@@ -73,9 +73,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
     device = pick_device(cfg.train.device)
     report = report_parts(msg.content[CONFIG])
-    model, directory = personal_model(cfg, msg, context, pid, upto=server_round - 1)
+    model, directory, saved = personal_model(cfg, msg, context, pid, upto=server_round - 1)
     personal = is_personalized(cfg.strategy.name)
-    optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=personal)
+    optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=personal, own=saved)
     report_keys = parts_keys(report, unet_parts(model))
     result = train_local(
         model,
@@ -116,7 +116,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, pid, _, data = node_job(context)
     device = pick_device(cfg.train.device)
     server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0))  # type: ignore[call-overload]
-    model, _ = personal_model(cfg, msg, context, pid, upto=server_round or None, sampling=True)
+    model, _, _ = personal_model(cfg, msg, context, pid, upto=server_round or None, sampling=True)
     cap = cfg.eval.max_val_examples or len(data.val)
     images = data.val.images[:cap]
     loss = denoising_loss(
@@ -140,8 +140,8 @@ def collafuse_train(msg: Message, context: Context) -> Message:
     cfg, pid, num, data = node_job(context)
     t_cut = cut(cfg, msg)
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
-    model, directory, _ = own_model(cfg, msg, context, pid, upto=server_round - 1)
-    optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=True)
+    model, directory, saved = own_model(cfg, msg, context, pid, upto=server_round - 1)
+    optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=True, own=saved)
     diffusion = build_diffusion(cfg)
     done, upload = client_round(
         model, diffusion, data.train.images, t_cut,
@@ -180,8 +180,8 @@ def collafuse_evaluate(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     device = pick_device(cfg.train.device)
     server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[call-overload]
-    model, directory, trained = own_model(cfg, msg, context, pid, upto=server_round or None, sampling=True)
-    if t_cut > 0 and not trained:
+    model, directory, saved = own_model(cfg, msg, context, pid, upto=server_round or None, sampling=True)
+    if t_cut > 0 and saved is None:
         raise RuntimeError(f"node {context.node_id} owns t < {t_cut} but has no model of its own in {directory} yet")
     diffusion = build_diffusion(cfg)
     images = data.val.images[: cfg.eval.max_val_examples or len(data.val)]

@@ -107,7 +107,7 @@ def inject_fault(cfg: FedConfig, pid: int, server_round: int) -> None:
 
 
 def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
-                   upto: int | None = None, sampling: bool = False) -> tuple[UNet, Path]:
+                   upto: int | None = None, sampling: bool = False) -> tuple[UNet, Path, dict[str, object] | None]:
     """The global arrays received, with this node's own saved parts where it keeps private ones.
 
     Once a node has trained, its private parts come from its disk even if the server sends
@@ -115,6 +115,7 @@ def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
     reset to the server's copy. ``upto``: the newest saved round it may start from.
     ``sampling``: a personal model's EMA, where it keeps one, replaces the whole model (it
     averages the model this client trained, the received shared parts included).
+    Returns the model, the node's state folder and the saved payload it read (None if none).
     """
     model = build_model(cfg)
     incoming = msg.content[ARRAYS]
@@ -129,29 +130,26 @@ def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
             f"but has no saved model of its own in {directory}"
         )
     load_record(model, incoming, strict=not missing)
-    if saved is not None:
+    if saved is not None and sampling and keep:
+        model.load_state_dict(sampling_weights(saved))
+    elif saved is not None:
         take = missing | keep
         model.load_state_dict({k: v for k, v in saved["model"].items() if k in take}, strict=False)
-        if sampling and keep:
-            model.load_state_dict(sampling_weights(saved))
-    return model, directory
+    return model, directory, saved
 
 
-def carried_state(cfg: FedConfig, model: UNet, directory: Path, upto: int,
-                  keeps_ema: bool) -> tuple[dict[str, object] | None, EMAModel | None]:
+def carried_state(cfg: FedConfig, model: UNet, directory: Path, upto: int, keeps_ema: bool,
+                  own: dict[str, object] | None) -> tuple[dict[str, object] | None, EMAModel | None]:
     """What this client's trainer continues from: its Adam state (``persist``) and its model's EMA.
 
-    ``keeps_ema``: the client's model is its own (ULatDec, UDec, CollaFuse), so its EMA lives here;
-    a global model's EMA is the server's.
+    ``keeps_ema``: the client's model is its own (ULatDec, UDec, CollaFuse), so its EMA lives here,
+    in ``own`` (the saved model payload the model was built from); a global model's EMA is the server's.
     """
     optimizer = None
     if cfg.train.optimizer_state == "persist":
         saved = load_node_round(directory, OPTIMIZER, upto)
         optimizer = saved["optimizer"] if saved is not None else None
-    ema = None
-    if keeps_ema:
-        own = load_node_model(directory, upto)
-        ema = make_ema(model, cfg.train, own.get("ema") if own is not None else None)  # type: ignore[arg-type]
+    ema = make_ema(model, cfg.train, own.get("ema") if own is not None else None) if keeps_ema else None  # type: ignore[arg-type]
     return optimizer, ema  # type: ignore[return-value]
 
 
@@ -191,17 +189,17 @@ def cut(cfg: FedConfig, msg: Message) -> int:
 
 
 def own_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
-              upto: int | None, sampling: bool = False) -> tuple[UNet, Path, bool]:
+              upto: int | None, sampling: bool = False) -> tuple[UNet, Path, dict[str, object] | None]:
     """This client's private denoiser from its disk (the seeded initialization before its first round).
 
-    ``sampling``: its EMA weights where it keeps an EMA.
+    ``sampling``: its EMA weights where it keeps an EMA. Returns the saved payload too (None: not trained yet).
     """
     directory = state_dir(cfg, msg, context, pid)
     model = build_model(cfg, seed=cfg.seed)
     saved = load_node_model(directory, upto)
     if saved is not None:
         model.load_state_dict(sampling_weights(saved) if sampling else saved["model"])  # type: ignore[arg-type]
-    return model, directory, saved is not None
+    return model, directory, saved
 
 
 def audit_denoiser(directory: Path, arrays: ArrayRecord, audit_round: int) -> dict[str, float]:

@@ -159,8 +159,8 @@ def merged_run_config(items: list[str]) -> list[str]:
 
     from fedapp.config import flatten, run_config_arg
 
-    files = [Path(item) for item in items if item.endswith(".toml")]
-    if not files or len(files) == len(items):
+    files = sum(item.endswith(".toml") for item in items)
+    if files in (0, len(items)):
         return items
     merged = []
     for item in items:
