@@ -83,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
         data.train.images,
         epochs=cfg.train.local_epochs,
         batch_size=cfg.train.batch_size,
-        recipe=Recipe.from_config(cfg.train),
+        recipe=Recipe.from_config(cfg.train, server_round),
         seed=train_seed(cfg.seed, server_round, pid),
         device=device,
         max_steps=cfg.train.max_steps_per_round,
@@ -145,7 +145,7 @@ def collafuse_train(msg: Message, context: Context) -> Message:
     diffusion = build_diffusion(cfg)
     done, upload = client_round(
         model, diffusion, data.train.images, t_cut,
-        epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size, recipe=Recipe.from_config(cfg.train),
+        epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size, recipe=Recipe.from_config(cfg.train, server_round),
         seed=train_seed(cfg.seed, server_round, pid), device=pick_device(cfg.train.device),
         upload_cap=cfg.collafuse.upload_samples, max_steps=cfg.train.max_steps_per_round,
         optimizer=optimizer, ema=ema,

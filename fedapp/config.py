@@ -97,6 +97,8 @@ class TrainConfig(_Section):
     # of a client (of each round's fresh Adam when optimizer-state = "fresh").
     warmup_steps: int = Field(50, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # the global gradient norm is clipped to this; 0: off
+    # The lr falls along a half cosine over the run (all rounds) to lr * final-lr-ratio; 1: flat.
+    final_lr_ratio: float = Field(1.0, gt=0, le=1)
     # persist: each client's Adam moments and step count outlive the round (on the node's disk, like
     # private parts, and through a resume); fresh: a new Adam every round, as the paper.
     optimizer_state: Literal["fresh", "persist"] = "persist"

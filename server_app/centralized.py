@@ -56,7 +56,7 @@ def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int) -> list[di
     for rnd in range(1, cfg.train.rounds + 1):
         result = train_local(
             model, diffusion, train, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size,
-            recipe=Recipe.from_config(cfg.train), seed=train_seed(cfg.seed, rnd), device=device,
+            recipe=Recipe.from_config(cfg.train, rnd), seed=train_seed(cfg.seed, rnd), device=device,
             max_steps=cfg.train.max_steps_per_round, optimizer=optimizer, ema=ema,
             progress=cfg.output.progress, desc=f"centralized round {rnd}",
         )

@@ -184,6 +184,7 @@ class CollaFuse(FedappStrategy):
         result = None
         if total:
             nodes = sorted(uploads, key=lambda n: (self.partition.get(n, -1), n))  # partition order, as by_node
+            self.stepper.recipe = Recipe.from_config(self.cfg.train, server_round)  # the lr decay's share
             result = server_steps(
                 self.model, self.stepper, self.diffusion,
                 torch.cat([uploads[n][0] for n in nodes]), torch.cat([uploads[n][1] for n in nodes]),

@@ -24,4 +24,4 @@ def test_the_paper_config_sets_every_key_where_the_paper_differs() -> None:
     assert paper.train.lr == 1e-4 and paper.diffusion.loss == "huber"
     # the authors' recipe: a fresh Adam per round, nothing of the CPU recipe
     assert (paper.train.optimizer_state, paper.train.warmup_steps, paper.train.grad_clip) == ("fresh", 0, 0.0)
-    assert paper.train.ema_decay == 0.0 and paper.diffusion.min_snr_gamma == 0.0
+    assert paper.train.ema_decay == 0.0 and paper.diffusion.min_snr_gamma == 0.0 and paper.train.final_lr_ratio == 1.0

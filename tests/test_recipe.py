@@ -1,4 +1,4 @@
-"""The training recipe, part by part: warm-up, clipping, optimizer state, Min-SNR-γ, the EMAs.
+"""The training recipe, part by part: warm-up, the lr decay, clipping, optimizer state, Min-SNR-γ, the EMAs.
 
 Each part is checked on and off against values computed by hand here; the resume tests
 (tests/test_resume.py) carry the optimizer state and the EMAs through a killed run.
@@ -17,7 +17,7 @@ from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import build_unet
 from fedapp.runs.node_state import OPTIMIZER, load_node_model, load_node_round, sampling_weights
 from fedapp.train.ema import RoundEMA, ema_state, ema_weights, load_ema, make_ema
-from fedapp.train.loop import train_local
+from fedapp.train.loop import shuffled_batches, train_local
 from fedapp.train.optim import Recipe, Stepper
 from tests.support.inprocess import run_inprocess
 
@@ -49,6 +49,38 @@ def test_the_stepper_takes_each_step_at_the_warmup_lr() -> None:
         stepper.step(_loss(model))
         seen.append(stepper.optimizer.param_groups[0]["lr"])
     assert seen == pytest.approx([0.05, 0.1, 0.1]) and stepper.steps == 3
+
+
+# ------------------------------------------------------------------------------ lr decay
+def test_the_decay_follows_the_run_round_by_round_and_off_is_flat() -> None:
+    cfg = TrainConfig(rounds=4, lr=1e-3, warmup_steps=0, final_lr_ratio=0.1)
+    # round 2 of 4 covers the run's progress 0.25..0.5: the cosine 1 -> 0.1 at 0.25 and 0.375
+    second = Recipe.from_config(cfg, 2)
+    assert second.span == (0.25, 0.5)
+    assert second.lr_at(0, 0.0) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + 0.7071067811865476)))
+    assert second.lr_at(0, 0.5) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + 0.38268343236508984)))
+    assert Recipe.from_config(cfg, 1).lr_at(0, 0.0) == pytest.approx(1e-3)
+    assert Recipe.from_config(cfg, 4).lr_at(0, 1.0) == pytest.approx(1e-4)  # the run's last step
+    flat = Recipe.from_config(cfg.model_copy(update={"final_lr_ratio": 1.0}), 3)
+    assert [flat.lr_at(s, d) for s, d in ((0, 0.0), (5, 0.5), (9, 0.99))] == pytest.approx([1e-3] * 3)
+    with pytest.raises(ValueError, match="server round 5 is outside 1..4"):
+        Recipe.from_config(cfg, 5)
+
+
+def test_warmup_scales_the_decayed_lr() -> None:
+    recipe = Recipe(lr=1.0, warmup_steps=2, final_lr_ratio=0.5, span=(0.5, 1.0))
+    assert recipe.lr_at(0, 0.0) == pytest.approx(0.75 * 0.5)  # half-way down the cosine, half warmed up
+    assert recipe.lr_at(2, 1.0) == pytest.approx(0.5)
+
+
+def test_batches_carry_the_share_done_and_stop_at_the_cap() -> None:
+    gen = torch.Generator().manual_seed(0)
+    dealt = list(shuffled_batches(10, 4, 2, gen, CPU))  # 3 batches a pass
+    assert [len(pick) for pick, _ in dealt] == [4, 4, 2, 4, 4, 2]
+    assert [done for _, done in dealt] == pytest.approx([0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+    capped = list(shuffled_batches(10, 4, 2, torch.Generator().manual_seed(0), CPU, max_batches=4))
+    assert [done for _, done in capped] == pytest.approx([0, 0.25, 0.5, 0.75])
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(capped, dealt[:4], strict=False))
 
 
 # ------------------------------------------------------------------------------ clipping

@@ -80,16 +80,17 @@ def client_round(
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     source = images.to(device)
     parts: dict[str, list[torch.Tensor]] = {"x_t": [], "t": [], "target": [], "x0": []}
-    kept = drawn = batches = 0
+    kept = drawn = 0
     own = Tally(device)
-    for pick in shuffled_batches(len(images), batch_size, epochs, order_gen, device, progress=progress, desc=desc):
+    for pick, done in shuffled_batches(len(images), batch_size, epochs, order_gen, device, max_batches=max_steps,
+                                       progress=progress, desc=desc):
         x0 = to_model_range(source[pick])
         x_t, t, eps = diffusion.noised(x0, None, noise_gen)
         low = t < t_cut
-        drawn, batches = drawn + len(t), batches + 1
+        drawn += len(t)
         if bool(low.any()):
             loss = diffusion.loss_on(model, x_t[low], t[low], eps[low])
-            stepper.step(loss)
+            stepper.step(loss, done)
             if ema is not None:
                 ema.step(model.parameters())
             own.add(loss, int(low.sum()))
@@ -98,7 +99,7 @@ def client_round(
         for name, tensor in (("x_t", x_t), ("t", t), ("target", eps), ("x0", x0)):
             parts[name].append(tensor[take].detach().cpu())
         kept += len(take)
-        if (max_steps > 0 and batches >= max_steps) or (t_cut == 0 and kept >= upload_cap):
+        if t_cut == 0 and kept >= upload_cap:
             break
     upload = Upload(**{name: torch.cat(chunks) for name, chunks in parts.items()})
     return ClientRound(own=own.result(stepper), drawn=drawn), upload
@@ -122,9 +123,9 @@ def server_steps(
     gen = torch.Generator().manual_seed(seed)
     x_t, t, target = x_t.to(device), t.to(device), target.to(device)
     tally = Tally(device)
-    for pick in shuffled_batches(len(t), batch_size, epochs, gen, device):
+    for pick, done in shuffled_batches(len(t), batch_size, epochs, gen, device):
         loss = diffusion.loss_on(model, x_t[pick], t[pick], target[pick])
-        stepper.step(loss)
+        stepper.step(loss, done)
         tally.add(loss, len(pick))
     return tally.result()
 

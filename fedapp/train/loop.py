@@ -1,7 +1,8 @@
 """Local DDPM training and the held-out denoising loss, as plain PyTorch loops.
 
 One epoch loop serves every trainer: :func:`shuffled_batches` deals the index batches of
-E shuffled passes, :class:`Tally` sums the loss on the device and times the work, and a
+E shuffled passes (with a progress bar in steps and images/s, and the share of the call done,
+which the lr decay reads), :class:`Tally` sums the loss on the device and times the work, and a
 :class:`~fedapp.train.optim.Stepper` takes each step (warm-up and clipping included). Local
 training (FedDiffuse and the centralized baseline) and both halves of CollaFuse
 (``fedapp.train.collafuse``) are built from them. An EMA, when given, is updated after every step.
@@ -9,6 +10,7 @@ training (FedDiffuse and the centralized baseline) and both halves of CollaFuse
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -40,12 +42,28 @@ class TrainResult:
 
 
 def shuffled_batches(n: int, batch_size: int, epochs: int, generator: torch.Generator, device: torch.device, *,
-                     progress: bool = False, desc: str = "") -> Iterator[torch.Tensor]:
-    """Index batches of ``epochs`` passes over ``n`` items, each pass in a fresh order from ``generator``."""
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
-        order = torch.randperm(n, generator=generator).to(device)
-        for first in range(0, n, batch_size):
-            yield order[first : first + batch_size]
+                     max_batches: int = 0, progress: bool = False,
+                     desc: str = "") -> Iterator[tuple[torch.Tensor, float]]:
+    """Index batches of ``epochs`` passes over ``n`` items, each pass in a fresh order from ``generator``.
+
+    At most ``max_batches`` (0: all). Each batch comes with the share of the call's batches dealt
+    before it (0 for the first), for the lr decay.
+    """
+    total = epochs * math.ceil(n / batch_size)
+    total = min(total, max_batches) if max_batches else total
+    dealt = images = 0
+    with tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False) as bar:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator).to(device)
+            for first in range(0, n, batch_size):
+                if dealt == total:
+                    return
+                pick = order[first : first + batch_size]
+                yield pick, dealt / total
+                dealt, images = dealt + 1, images + len(pick)
+                bar.update()
+                if progress:
+                    bar.set_postfix_str(f"{images / max(bar.format_dict['elapsed'], 1e-9):.0f} img/s", refresh=False)
 
 
 @dataclass
@@ -150,15 +168,14 @@ def _epochs(
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     source = images.to(device)  # the uint8 partition is small: on a GPU it goes over once, not per batch
     tally = Tally(device)
-    for pick in shuffled_batches(len(images), batch_size, epochs, order_gen, device, progress=progress, desc=desc):
+    for pick, done in shuffled_batches(len(images), batch_size, epochs, order_gen, device, max_batches=max_steps,
+                                       progress=progress, desc=desc):
         x0 = to_model_range(source[pick])
         loss = diffusion.loss(model, x0, t_range, noise_gen)
-        stepper.step(loss)
+        stepper.step(loss, done)
         if ema is not None:
             ema.step(model.parameters())
         tally.add(loss, len(x0))
-        if max_steps and tally.steps >= max_steps:
-            break
     return tally.result(stepper)
 
 

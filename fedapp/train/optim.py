@@ -1,13 +1,19 @@
-"""Every trainer's optimizer: Adam with a linear learning-rate warm-up and gradient clipping.
+"""Every trainer's optimizer: Adam with a linear learning-rate warm-up, a cosine decay and gradient clipping.
 
 One :class:`Stepper` serves local training, both halves of CollaFuse and the centralized
 baseline. Its state (Adam's moments and the step count the warm-up reads) is a plain dict, so a
 client can keep it on its node's disk between rounds (``train.optimizer-state = "persist"``) and
 a resumed run continues exactly where the lost one stood.
+
+The decay follows the run, not the optimizer: a trainer's call covers a share of the run's
+training (round r of R covers (r-1)/R to r/R), and within the call the lr falls with the share
+of its batches done. So a fresh Adam per round, a persisted one, CollaFuse's two halves and the
+centralized baseline all end the run at ``lr * final_lr_ratio`` without counting each other's steps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,16 +31,30 @@ class Recipe:
     lr: float
     warmup_steps: int = 0
     grad_clip: float = 0.0
+    final_lr_ratio: float = 1.0  # the lr at the run's end over ``lr``, reached along a half cosine; 1: flat
+    span: tuple[float, float] = (0.0, 1.0)  # the share of the run's training this trainer's call covers
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> Recipe:
-        return cls(lr=cfg.lr, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip)
+    def from_config(cls, cfg: TrainConfig, server_round: int = 1) -> Recipe:
+        """The recipe of round ``server_round`` (1-based) of ``cfg.rounds``."""
+        if not 1 <= server_round <= cfg.rounds:
+            raise ValueError(f"server round {server_round} is outside 1..{cfg.rounds} (train.rounds)")
+        return cls(lr=cfg.lr, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip,
+                   final_lr_ratio=cfg.final_lr_ratio,
+                   span=((server_round - 1) / cfg.rounds, server_round / cfg.rounds))
 
-    def lr_at(self, step: int) -> float:
-        """The learning rate of optimizer step ``step`` (0-based): a linear rise, then flat."""
+    def lr_at(self, step: int, done: float = 0.0) -> float:
+        """The lr of optimizer step ``step`` (0-based, the warm-up's count) when ``done`` of the call's batches are.
+
+        A linear rise over ``warmup_steps``, times the cosine from 1 to ``final_lr_ratio`` at the
+        run's progress ``span[0] + done * (span[1] - span[0])``.
+        """
+        start, stop = self.span
+        progress = min(max(start + done * (stop - start), 0.0), 1.0)
+        lr = self.lr * (self.final_lr_ratio + (1 - self.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
         if self.warmup_steps and step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        return self.lr
+            return lr * (step + 1) / self.warmup_steps
+        return lr
 
 
 class Stepper:
@@ -54,8 +74,9 @@ class Stepper:
         if state is not None:
             self.load_state_dict(state)
 
-    def step(self, loss: torch.Tensor) -> None:
-        lr = self.recipe.lr_at(self.steps)
+    def step(self, loss: torch.Tensor, done: float = 0.0) -> None:
+        """One optimizer step on ``loss``; ``done``: the share of this call's batches already taken."""
+        lr = self.recipe.lr_at(self.steps, done)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
