@@ -9,7 +9,7 @@ RUN_CONFIG ?= output.dir="$(CURDIR)/runs"
 # afterwards; flower-superlink is started from this venv) and an exit code that says whether every
 # round finished (flwr run exits 0 whatever became of the run).
 
-.PHONY: install run demo run-paper test test-fast bench clean
+.PHONY: install cpu-share run demo run-paper test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,8 @@ install: $(VENV)/.installed
 # and none waits for a free slot. (Flower takes whole CPUs only.)
 CPU_SHARE ?= $(shell $(PYTHON) -c "import os; per = max(len(os.sched_getaffinity(0)) // $(CLIENTS), 1); \
   print(f'client-resources-num-cpus={per} init-args-num-cpus={per * $(CLIENTS)}')")
+cpu-share:  # for scripts that run `make run`'s federation (scripts/ablate_recipe.sh)
+	@echo "$(CPU_SHARE)"
 run: install
 	$(BIN)/fedapp run --clients $(CLIENTS) --run-config '$(RUN_CONFIG)' --resources "$(CPU_SHARE)"
 

@@ -1,28 +1,75 @@
 #!/usr/bin/env bash
-# docs/RESULTS.md at CPU scale: the centralized baseline, then Full, USplit, ULatDec and UDec on IID and
-# on label skew, same data, seed and budget, scored with FD-CNN; then one report over all nine runs.
-# The baseline runs once: it pools the clients' training parts, and both partitions pool the same images
-# but for each client's 10 % held-out share.
-# Usage: scripts/reproduce_cpu.sh OUT_DIR   (about 80 minutes on 2 CPU cores; finished runs are skipped)
+# Issue 16's CPU study, on the training recipe: the centralized baseline, Full, USplit, ULatDec and UDec
+# under IID and label skew, and CollaFuse at c in {0, 0.2, 0.5, 1}, each for every seed given, at the
+# scale of `make demo` (where Full reached FD-CNN 168), scored once at the end on 1,000 DDPM-50 samples.
+#
+# Usage: scripts/reproduce_cpu.sh OUT_DIR [SEED...]   (seeds default to 0 1)
+#
+# It takes hours on 2 CPU cores (about 45 minutes a federated run, more for the personalized methods,
+# whose five clients each score their own model), so it is made to be stopped and run again:
+#   - a run with final.pt is done and skipped; one with round checkpoints continues with `fedapp resume`;
+#     one without any is started over;
+#   - every finished run's config, metrics and last grid are copied to docs/results/study/NAME/
+#     (STUDY_DOCS overrides the folder), small enough to commit, and with STUDY_COMMIT=1 committed;
+#   - after the last run, one `fedapp report` over everything that finished.
 set -euo pipefail
-out=$(realpath -m "${1:?usage: $0 OUT_DIR}")
+out=$(realpath -m "${1:?usage: $0 OUT_DIR [SEED...]}")
+shift
+if [ $# -gt 0 ]; then seeds=("$@"); else seeds=(0 1); fi
 source "$(dirname "$0")/flwr_env.sh"
-mkdir -p "$out"
-# 5 clients, 4,500 training images in all, 6 rounds of 1 local epoch at batch 32 (about 170 steps per
-# client; the centralized baseline takes the same 27,000 image-steps as 850 steps on the pool).
-# lr 1e-3 instead of the paper's 1e-4: at this budget 1e-4 barely leaves the noise.
-scale='data.max-train-examples=5000 train.rounds=6 train.local-epochs=1 train.batch-size=32 train.lr=0.001'
-# DDIM-25, as docs/RESULTS.md was measured; the default is now DDPM-50, which bench/eval_cost.py
-# found much closer to the full chain (see docs/BENCHMARKS.md).
-# The recipe docs/RESULTS.md was measured with, before issue 16's: a fresh Adam every round, no warm-up,
-# clipping, Min-SNR weighting or EMA (the defaults now turn them on).
-scale="$scale"' train.optimizer-state="fresh" train.warmup-steps=0 train.grad-clip=0.0 train.ema-decay=0.0 diffusion.min-snr-gamma=0.0'
-scale="$scale"' eval.every=3 eval.metric-samples=256 eval.sampler="ddim" eval.sampler-steps=25 eval.fid="off" output.progress=false'
-runs=(iid-centralized iid-full iid-usplit iid-ulatdec iid-udec
-      label-skew-full label-skew-usplit label-skew-ulatdec label-skew-udec)
-for name in "${runs[@]}"; do
-  partitioner=${name%-*}
-  method=${name##*-}
-  run_once "$out" "$name" 5 "strategy.name=\"$method\" data.partitioner=\"$partitioner\" data.num-partitions=5 $scale"
+docs=$(realpath -m "${STUDY_DOCS:-docs/results/study}")
+mkdir -p "$out" "$docs"
+FEDAPP_RESOURCES=$(make -s --no-print-directory cpu-share)
+export FEDAPP_RESOURCES
+
+# `make demo`'s scale (conf/demo.toml) with the default recipe: 5 clients x 5,400 training images,
+# 10 rounds of one local epoch at batch 16; evaluated once, after round 10.
+rounds=10
+scale="data.max-train-examples=30000 data.num-partitions=5 train.rounds=$rounds eval.every=$rounds"
+scale="$scale eval.metric-samples=1000 eval.fid=\"off\" output.progress=false"
+
+# study_run NAME CONFIG: finish the run OUT/NAME (skip, resume or start it), then copy its results to docs.
+study_run() {
+  local name=$1 config=$2 run="$out/$1" start
+  if [ -f "$run/final.pt" ]; then
+    echo "$name: done before"
+  elif ls "$run"/checkpoints/round-*.pt >/dev/null 2>&1; then
+    start=$(date +%s)
+    fedapp resume "$run" --rounds "$rounds" -- --federation-config "num-supernodes=5 $FEDAPP_RESOURCES" \
+      >> "$out/$name.log" 2>&1 || { echo "$name: resume FAILED, see $out/$name.log"; exit 1; }
+    echo "$name: resumed, $(( $(date +%s) - start )) s"
+  else
+    run_once "$out" "$name" 5 "$config"
+  fi
+  mkdir -p "$docs/$name"
+  cp "$run/config.toml" "$run/metrics.jsonl" "$docs/$name/"
+  [ -f "$run/comm.jsonl" ] && cp "$run/comm.jsonl" "$docs/$name/"
+  cp "$run"/samples/*.png "$docs/$name/" 2>/dev/null || true  # one evaluation round: its grids only
+  cp "$run/label-distribution.png" "$docs/$name/" 2>/dev/null || true
+  if [ "${STUDY_COMMIT:-0}" = 1 ]; then
+    git add "$docs/$name" && git commit -q -m "CPU study: $name finished" -- "$docs/$name" || true
+  fi
+}
+
+names=()
+for seed in "${seeds[@]}"; do
+  common="seed=$seed $scale"
+  names+=("centralized-s$seed")
+  study_run "centralized-s$seed" "strategy.name=\"centralized\" $common"
 done
-fedapp report "${runs[@]/#/$out/}" --out "$out/report"
+for partitioner in iid label-skew; do
+  for method in full usplit ulatdec udec; do
+    for seed in "${seeds[@]}"; do
+      names+=("$partitioner-$method-s$seed")
+      study_run "$partitioner-$method-s$seed" \
+        "strategy.name=\"$method\" data.partitioner=\"$partitioner\" seed=$seed $scale"
+    done
+  done
+done
+for c in 0 0.2 0.5 1.0; do
+  for seed in "${seeds[@]}"; do
+    names+=("collafuse-c$c-s$seed")
+    study_run "collafuse-c$c-s$seed" "strategy.name=\"collafuse\" collafuse.cut-ratio=$c seed=$seed $scale"
+  done
+done
+fedapp report "${names[@]/#/$out/}" --out "$out/report"
