@@ -1,57 +1,156 @@
-"""``fedapp`` command line: jobs that run outside a Flower simulation."""
+"""``fedapp`` command line: jobs that run outside a Flower simulation.
+
+Two promises to whoever types these commands. A bad argument is one line on stderr and exit 2,
+never a traceback: argparse rejects what it can see (the ``type=`` checkers below), the commands
+reject what needs a file read, and :func:`main` turns their OSError or ValueError into that line.
+And ``fedapp --help`` is quick: nothing here imports torch, diffusers or matplotlib at module
+level, each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from fedapp.model.build import build_diffusion
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its error as one line (no usage block) and exit 2, like the commands' errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type=`` for integers in [low, high]; argparse names the argument in its message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"at least {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        return value
+
+    return parse
+
+
+def _dim_mults(text: str) -> str:
+    """The UNet's ``model.dim-mults``, checked the way the run config checks it."""
+    from pydantic import ValidationError
+
+    from fedapp.config import ModelConfig
+
+    try:
+        return ModelConfig(dim_mults=text).dim_mults
+    except ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated positive integers, e.g. '1,2,4', got {text!r}") from None
+
+
+def _png(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text!r} is not a .png path")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a .png file path")
+    return path
+
+
+def _app_dir(text: str) -> Path:
+    path = Path(text)
+    if not (path / "pyproject.toml").is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not an app folder (no pyproject.toml)")
+    return path
+
+
+def _out_dir(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return path
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"fedapp {version('fedapp')}"
+    except PackageNotFoundError:
+        return "fedapp (not installed; run from a source tree)"
+
+
+def checkpoint_of(path: Path) -> Path:
+    """The checkpoint ``fedapp sample`` reads: the file given, or a run directory's final.pt, else its newest
+    ``checkpoints/round-NNN.pt``."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        return path
+    if (path / "final.pt").is_file():
+        return path / "final.pt"
+    from fedapp.runs.resume import latest_checkpoint
+
+    try:
+        return latest_checkpoint(path)[1]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} holds no final.pt and no checkpoints/round-NNN.pt to sample from") from None
 
 
 def _sample(args: argparse.Namespace) -> int:
     from fedapp.data.pixels import image_shape
     from fedapp.eval.grid import save_grid
+    from fedapp.model.build import build_diffusion
     from fedapp.model.sampling import generate
     from fedapp.runs.checkpoint import load_checkpoint
     from fedapp.train.collafuse import split_sample
     from fedapp.train.loop import pick_device
 
+    checkpoint = checkpoint_of(args.checkpoint)
     device = pick_device(args.device)
-    model, cfg, payload = load_checkpoint(args.checkpoint, device=device)
+    model, cfg, payload = load_checkpoint(checkpoint, device=device)
     clients = payload["extra"].get("clients") or {}
     split = cfg.strategy.name == "collafuse" and cfg.collafuse.cut(cfg.diffusion.timesteps) > 0
     if split and args.client is None:
-        raise ValueError(f"{args.checkpoint} is a CollaFuse run: the server's model owns only "
+        raise ValueError(f"{checkpoint} is a CollaFuse run: the server's model owns only "
                          f"t >= {cfg.collafuse.cut(cfg.diffusion.timesteps)}; pick a client with --client N")
     own = None
     if args.client is not None:
         if args.client not in clients:
             known = ", ".join(map(str, sorted(clients))) or "none (not a personalized run)"
-            raise ValueError(f"{args.checkpoint} has no model for client {args.client}; clients: {known}")
+            raise ValueError(f"{checkpoint} has no model for client {args.client}; clients: {known}")
         own = copy.deepcopy(model)
         own.load_state_dict(clients[args.client])
     elif clients:
         print(f"note: personalized run; sampling the server's model, pick a client with --client {min(clients)}")
-    steps = args.steps or (50 if args.sampler == "ddim" else None)
+    # The run's own evaluation sampler by default: what its grids and scores were made with.
+    sampler = args.sampler or cfg.eval.sampler
+    steps = args.steps or cfg.eval.sampler_steps
     diffusion = build_diffusion(cfg)
+    try:  # a --steps this run's T cannot take fails before any work
+        diffusion.sampler(sampler, steps)
+    except ValueError as err:
+        raise ValueError(f"--sampler {sampler} --steps {steps}: {err}") from None
     if split:  # the server's model down to t_c, the client's own from there (CollaFuse's split inference)
         channels, side = image_shape(cfg.data)
         samples = split_sample(model, own, diffusion, args.n, (channels, side, side),
-                               cfg.collafuse.cut(cfg.diffusion.timesteps), kind=args.sampler, steps=steps,
+                               cfg.collafuse.cut(cfg.diffusion.timesteps), kind=sampler, steps=steps,
                                server_seed=args.seed, client_seed=args.seed + 1, device=device)
     else:
         samples = generate(
             own if own is not None else model, diffusion, args.n, image_shape(cfg.data),
-            kind=args.sampler, steps=steps, seed=args.seed, device=device, progress=True,
+            kind=sampler, steps=steps, seed=args.seed, device=device, progress=True,
         )
     who = f"-client{args.client}" if args.client is not None else ""
-    out = args.out or Path(args.checkpoint).with_name(
-        f"{Path(args.checkpoint).stem}{who}-{args.sampler}{steps or ''}-seed{args.seed}.png"
-    )
+    out = args.out or checkpoint.with_name(f"{checkpoint.stem}{who}-{sampler}{steps}-seed{args.seed}.png")
     save_grid(samples, out)
-    print(f"wrote {len(samples)} samples from round {payload['round']} to {out}")
+    print(f"wrote {len(samples)} samples ({sampler}-{steps}) from round {payload['round']} of {checkpoint} "
+          f"to {out}")
     return 0
 
 
@@ -62,7 +161,7 @@ def _comm(args: argparse.Namespace) -> int:
 
     if args.check:
         return _check_comm(args.check)
-    mults = tuple(int(m) for m in args.dim_mults.split(","))
+    mults = tuple(int(m) for m in args.dim_mults.split(","))  # checked by _dim_mults
     sizes = part_sizes(UNet(args.dim, mults, args.channels))
     whole = sum(sizes.values())
     print(f"UNet dim={args.dim} mults={args.dim_mults} channels={args.channels}: {whole:,} parameters "
@@ -219,7 +318,12 @@ def _resume(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from fedapp.report.markdown import write_report
 
-    print(write_report(args.runs, args.out))
+    report = write_report(args.runs, args.out)
+    print(report)
+    if args.html:
+        from fedapp.report.htmlpage import write_html
+
+        print(write_html(report))
     return 0
 
 
@@ -230,28 +334,35 @@ def _tradeoff(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedapp", description=__doc__)
+    positive, natural = _whole_number(1), _whole_number(0)
+    parser = _Parser(prog="fedapp", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
-    sample = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint")
-    sample.add_argument("checkpoint", type=Path)
-    sample.add_argument("--out", type=Path, default=None, help="PNG path (default: next to the checkpoint)")
-    sample.add_argument("--n", type=int, default=64, help="number of images")
-    sample.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    sample.add_argument("--steps", type=int, default=0,
-                        help="grid steps (default: 50 for DDIM, the full chain for DDPM; DDPM-50 is strided)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint or a run directory")
+    sample.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_OR_RUN_DIR",
+                        help="a checkpoint file, or a run directory (its final.pt, else its newest "
+                             "checkpoints/round-NNN.pt)")
+    sample.add_argument("--out", type=_png, default=None, help="PNG path (default: next to the checkpoint)")
+    sample.add_argument("--n", type=positive, default=64, help="number of images")
+    sample.add_argument("--sampler", choices=["ddim", "ddpm"], default=None,
+                        help="default: the checkpoint's eval.sampler (what the run's grids and scores used)")
+    sample.add_argument("--steps", type=positive, default=None,
+                        help="grid steps (default: the checkpoint's eval.sampler-steps; at most "
+                             "diffusion.timesteps, which is the full chain; DDIM's must divide it)")
+    sample.add_argument("--seed", type=_whole_number(0, 2**32 - 2), default=0)
     sample.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    sample.add_argument("--client", type=int, default=None,
+    sample.add_argument("--client", type=natural, default=None,
                         help="personalized and CollaFuse runs: this client's own model (its partition id)")
     sample.set_defaults(func=_sample)
 
     comm = sub.add_parser("comm", help="analytic communication of the four FedDiffuse methods")
-    comm.add_argument("--clients", type=int, default=10, help="K")
-    comm.add_argument("--rounds", type=int, default=15, help="R")
-    comm.add_argument("--dim", type=int, default=28)
-    comm.add_argument("--dim-mults", default="1,2,4")
-    comm.add_argument("--channels", type=int, default=1)
-    comm.add_argument("--plot", type=Path, default=None, help="write the cumulative plot (PNG) here")
+    comm.add_argument("--clients", type=positive, default=10, help="K")
+    comm.add_argument("--rounds", type=positive, default=15, help="R")
+    comm.add_argument("--dim", type=_whole_number(4, 512), default=28, help="model.dim")
+    comm.add_argument("--dim-mults", type=_dim_mults, default="1,2,4", help="model.dim-mults")
+    comm.add_argument("--channels", type=_whole_number(1, 4), default=1, help="image channels")
+    comm.add_argument("--plot", type=_png, default=None, help="write the cumulative plot (PNG) here")
     comm.add_argument("--check", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                       help="compare finished runs' measured training traffic with the analytic count "
                            "for their own model, method, K and R (exit 1 on any mismatch)")
@@ -259,47 +370,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     tradeoff = sub.add_parser("tradeoff", help="CollaFuse's cut-ratio trade-off table and plot over run directories")
     tradeoff.add_argument("runs", nargs="+", type=Path, help="CollaFuse run directories (one per cut ratio)")
-    tradeoff.add_argument("--out", type=Path, required=True, help="folder for tradeoff.md and tradeoff.png")
+    tradeoff.add_argument("--out", type=_out_dir, required=True, help="folder for tradeoff.md and tradeoff.png")
     tradeoff.set_defaults(func=_tradeoff)
 
-    report = sub.add_parser("report", help="Markdown report with figures comparing run directories")
+    report = sub.add_parser("report", help="Markdown (and HTML) report with figures comparing run directories")
     report.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
-    report.add_argument("--out", type=Path, default=Path("report"),
+    report.add_argument("--out", type=_out_dir, default=Path("report"),
                         help="folder for report.md and its figures (default: ./report)")
+    report.add_argument("--html", action="store_true",
+                        help="also write report.html: the same report as one file, figures embedded")
     report.set_defaults(func=_report)
     check = sub.add_parser("check", help="validate a config, its data and its split without running anything")
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="run-config overrides, as for flwr run --run-config (e.g. strategy.name=udec)")
-    check.add_argument("--partitions", type=int, default=0, help="clients (default: data.num-partitions)")
-    check.add_argument("--app", type=Path, default=Path("."), help="the app folder with pyproject.toml")
+    check.add_argument("--partitions", type=natural, default=0, help="clients (default: data.num-partitions)")
+    check.add_argument("--app", type=_app_dir, default=".", help="the app folder with pyproject.toml")
     check.set_defaults(func=_check)
 
     resume = sub.add_parser("resume", help="continue a run from its last complete round (runs flwr run)",
                             epilog="Arguments after -- go to flwr run, e.g. -- --federation-config "
                                    "'num-supernodes=3'.")
     resume.add_argument("run", type=Path, metavar="RUN_DIR")
-    resume.add_argument("--rounds", type=int, default=0, help="train.rounds to reach (default: the run's)")
-    resume.add_argument("--app", type=Path, default=Path("."), help="the app folder (default: .)")
+    resume.add_argument("--rounds", type=natural, default=0, help="train.rounds to reach (default: the run's)")
+    resume.add_argument("--app", type=_app_dir, default=".", help="the app folder (default: .)")
     resume.add_argument("--connection", default="",
                         help="flwr connection, e.g. a deployment's (default: flwr's default)")
     resume.set_defaults(func=_resume, flwr_args=[])
 
     run = sub.add_parser("run", help="flwr run with a SuperLink of its own; exit 1 unless every round finished",
                          epilog="Arguments after -- go to flwr run as they are.")
-    run.add_argument("--clients", type=int, default=5, help="num-supernodes of a local simulation (0: the federation's own)")
+    run.add_argument("--clients", type=natural, default=5,
+                     help="num-supernodes of a local simulation (0: the federation's own)")
     run.add_argument("--resources", default="",
                      help="more federation config, e.g. 'client-resources-num-cpus=2 client-resources-num-gpus=0.2'")
     run.add_argument("--run-config", action="append", default=[], metavar="CONFIG",
                      help="'key=value ...' or a TOML file, as for flwr run (repeatable)")
-    run.add_argument("--app", type=Path, default=Path("."), help="the app folder (default: .)")
+    run.add_argument("--app", type=_app_dir, default=".", help="the app folder (default: .)")
     run.add_argument("--connection", default="", help="a flwr connection (default: a local simulation)")
     run.set_defaults(func=_run, flwr_args=[])
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fedapp.data.sources import DatasetNotFoundError
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a command raises for bad input. DatasetNotFoundError lives beside torch: it is only looked up
+    once its module is loaded (it cannot have been raised before), so ``--help`` never imports torch."""
+    data = sys.modules.get("fedapp.data.imagedata")
+    return (OSError, ValueError, *([data.DatasetNotFoundError] if data is not None else []))
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)  # argparse cannot take them after options
     parser = build_parser()
@@ -310,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"fedapp {args.command} takes no arguments after --")
     try:
         return int(args.func(args))
-    except (OSError, ValueError, DatasetNotFoundError) as err:
+    except Exception as err:
+        if not isinstance(err, _expected_errors()):
+            raise
         print(f"fedapp {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -122,3 +122,132 @@ def test_a_config_file_and_pairs_become_one_run_config_flwr_accepts(tmp_path: Pa
     assert merged_run_config(["seed=1"]) == ["seed=1"]
     with pytest.raises(ValueError, match="missing.toml"):
         merged_run_config([str(tmp_path / "missing.toml"), "seed=1"])
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """argparse's refusal: exit 2 and one line on stderr, as ``fedapp`` prints it (no usage block)."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    out = capsys.readouterr()
+    assert stop.value.code == 2 and out.out == ""
+    return one_line_error(subprocess.CompletedProcess([], 2, out.out, out.err))
+
+
+@pytest.mark.parametrize(("argv", "needles"), [
+    (["comm", "--clients", "0"], ["fedapp comm: argument --clients: must be at least 1, got 0"]),
+    (["comm", "--rounds", "0"], ["fedapp comm: argument --rounds: must be at least 1, got 0"]),
+    (["comm", "--rounds", "two"], ["argument --rounds: 'two' is not a whole number"]),
+    (["comm", "--dim", "2"], ["argument --dim: must be in [4, 512], got 2"]),
+    (["comm", "--dim-mults", "1,0"], ["argument --dim-mults: must be comma-separated positive integers", "'1,0'"]),
+    (["comm", "--channels", "0"], ["argument --channels: must be in [1, 4], got 0"]),
+    (["comm", "--plot", "cumulative.svg"], ["argument --plot: 'cumulative.svg' is not a .png path"]),
+    (["sample", "final.pt", "--n", "0"], ["fedapp sample: argument --n: must be at least 1, got 0"]),
+    (["sample", "final.pt", "--steps", "0"], ["argument --steps: must be at least 1, got 0"]),
+    (["sample", "final.pt", "--seed", "-1"], ["argument --seed: must be in [0, 4294967294], got -1"]),
+    (["sample", "final.pt", "--client", "-2"], ["argument --client: must be at least 0, got -2"]),
+    (["sample", "final.pt", "--sampler", "euler"], ["argument --sampler: invalid choice: 'euler'"]),
+    (["check", "--partitions", "-1"], ["fedapp check: argument --partitions: must be at least 0, got -1"]),
+    (["run", "--clients", "-3"], ["fedapp run: argument --clients: must be at least 0, got -3"]),
+    (["resume", "some-run", "--rounds", "1.5"], ["argument --rounds: '1.5' is not a whole number"]),
+    ([], ["fedapp: the following arguments are required: command"]),
+])
+def test_a_bad_argument_is_one_line_and_exit_2(argv: list[str], needles: list[str],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's three tracebacks (comm --clients 0, comm --rounds 0, sample --n 0) and their kin."""
+    line = _refused(argv, capsys)
+    assert all(n in line for n in needles), line
+    assert line.endswith("--help)")
+
+
+def test_folder_arguments_are_checked_before_anything_runs(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """--app must hold a pyproject.toml; --out of report and tradeoff must not be a file."""
+    for command in (["run"], ["check"], ["resume", str(tmp_path)]):
+        line = _refused([*command, "--app", str(tmp_path)], capsys)
+        assert line == (f"fedapp {command[0]}: argument --app: {tmp_path} is not an app folder "
+                        f"(no pyproject.toml) (see fedapp {command[0]} --help)")
+    taken = tmp_path / "report"
+    taken.write_text("a file")
+    for command in ("report", "tradeoff"):
+        assert f"argument --out: {taken} exists and is not a folder" in _refused(
+            [command, str(tmp_path), "--out", str(taken)], capsys)
+    assert taken.read_text() == "a file"
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"fedapp {version('fedapp')}\n"
+
+
+def test_help_is_quick_because_the_cli_imports_no_torch() -> None:
+    """The issue measured 5 s (15 s on a busy machine) from torch and diffusers at cli.py's top."""
+    import time
+
+    probe = ("import sys; from fedapp.cli import build_parser; build_parser().format_help(); "
+             "print(' '.join(m for m in ('torch', 'diffusers', 'matplotlib', 'fedapp.model.build') "
+             "if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                            check=True, timeout=60)
+    assert loaded.stdout.strip() == ""
+    started = time.perf_counter()
+    out = fedapp("--help")
+    elapsed = time.perf_counter() - started
+    assert out.returncode == 0 and "sample" in out.stdout and "--version" in out.stdout
+    assert elapsed < 2.0, f"fedapp --help took {elapsed:.2f} s"
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path) -> Path:
+    """A run directory with two round checkpoints of a 4-wide UNet over a 10-step chain; its eval
+    sampler (DDPM, 5 steps) is not the old DDIM-50 default."""
+    from fedapp.config import parse_config
+    from fedapp.model.build import build_model
+    from fedapp.runs.checkpoint import save_checkpoint
+
+    cfg = parse_config({"model.dim": 4, "model.dim-mults": "1", "diffusion.timesteps": 10,
+                        "data.image-size": 8, "eval.sampler": "ddpm", "eval.sampler-steps": 5})
+    run = tmp_path / "run"
+    for rnd in (1, 2):
+        save_checkpoint(run / "checkpoints" / f"round-{rnd:03d}.pt", cfg, rnd, build_model(cfg, seed=rnd))
+    return run
+
+
+def _grid_bytes(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[str, bytes]:
+    assert main(["sample", *argv, "--n", "2", "--device", "cpu"]) == 0
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    return said, Path(said.rsplit(" to ", 1)[1]).read_bytes()
+
+
+def test_sample_takes_a_run_directory_and_its_evaluation_sampler(tiny_run: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    said, default = _grid_bytes([str(tiny_run)], capsys)
+    newest = tiny_run / "checkpoints" / "round-002.pt"
+    assert said == f"wrote 2 samples (ddpm-5) from round 2 of {newest} to {newest.with_name('round-002-ddpm5-seed0.png')}"
+    _, explicit = _grid_bytes([str(newest), "--sampler", "ddpm", "--steps", "5", "--out",
+                               str(tiny_run / "explicit.png")], capsys)
+    assert explicit == default  # the default is the config's sampler, to the pixel
+    said, ddim = _grid_bytes([str(tiny_run), "--sampler", "ddim", "--out", str(tiny_run / "ddim.png")], capsys)
+    assert "(ddim-5)" in said and ddim != default  # --sampler overrides, steps still the config's
+    (tiny_run / "checkpoints" / "round-001.pt").rename(tiny_run / "final.pt")
+    said, _ = _grid_bytes([str(tiny_run), "--out", str(tiny_run / "final.png")], capsys)
+    assert f"from round 1 of {tiny_run / 'final.pt'} " in said  # final.pt before any round checkpoint
+
+
+def test_sample_refuses_a_missing_or_empty_run_and_a_bad_step_count(tiny_run: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, expected in (
+        ([str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no such checkpoint or run directory"),
+        ([str(tiny_run / "checkpoints" / "round-003.pt")], "no such checkpoint or run directory"),
+        ([str(tiny_run / "samples")], "holds no final.pt and no checkpoints/round-NNN.pt to sample from"),
+        ([str(tiny_run), "--steps", "20"], "--sampler ddpm --steps 20: sampler steps must be in [1, 10]"),
+        ([str(tiny_run), "--sampler", "ddim", "--steps", "3"], "DDIM steps must divide T = 10"),
+    ):
+        (tiny_run / "samples").mkdir(exist_ok=True)
+        assert main(["sample", *argv, "--device", "cpu"]) == 2
+        out = capsys.readouterr()
+        one_line_error(subprocess.CompletedProcess([], 2, out.out, out.err), "fedapp sample: ", expected)
+    assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == ["round-001.pt", "round-002.pt"]

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import numpy as np
 import pytest
 import tomli_w
 from PIL import Image
 
 from fedapp.cli import main
+from fedapp.report.htmlpage import write_html
 from fedapp.report.markdown import comm_reduction, load_run, write_report
 
 
@@ -142,10 +147,72 @@ def test_bad_inputs_give_a_one_line_error_naming_the_path(runs: list[Path], tmp_
     broken = make_run(tmp_path / "runs", "broken", "full", "iid", [{"round": 1}])
     with (broken / "metrics.jsonl").open("a") as handle:
         handle.write('{"round": 2, "wall_s"\n')
+    foreign = tmp_path / "other-project"  # the issue: any config.toml made a report of "?" and exit 0
+    foreign.mkdir()
+    (foreign / "config.toml").write_text('[tool]\nname = "x"\n[train]\nrounds = "many"\n')
+    (foreign / "metrics.jsonl").write_text('{"round": 1}\n')
+    starting = make_run(tmp_path / "runs", "starting", "full", "iid", [])
+    (starting / "metrics.jsonl").unlink()  # the ServerApp writes it after the first round
     for bad, expected in ((not_a_run, "is not a run directory"), (tmp_path / "missing", "no such run"),
-                          (broken, "metrics.jsonl:2: unreadable metrics line")):
+                          (broken, "metrics.jsonl:2: unreadable metrics line"),
+                          (foreign, "is not a run directory: its config.toml is not a fedapp run's "
+                                    "(no strategy.name, data.name, train.rounds)"),
+                          (starting, "is not a run directory with a finished round (no metrics.jsonl)")):
         assert main(["report", str(runs[0]), str(bad), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("fedapp report: ")
         assert str(bad) in err and expected in err
     assert not (tmp_path / "out").exists()  # nothing written when an input is bad
+
+
+def _embedded(page: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in re.findall(r'(?:src|href)="data:image/png;base64,([^"]+)"', page)]
+
+
+def test_html_report_is_the_markdown_one_with_every_image_inside(runs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    page = write_html(write_report(runs, out)).read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in page
+    udec = next(row for row in re.findall(r"<tr>(.*?)</tr>", page, re.S) if "<code>udec-iid</code>" in row
+                and "MB" in row)
+    cells = re.findall(r"<td>(.*?)</td>", udec, re.S)
+    assert cells[3] == "40.00 ± 5.00 (N=128, ddim-50, 2 client models, round 2)"
+    assert cells[6:9] == ["0.265 M", "1.06 MB", "73.5 %"]
+    assert "not comparable in absolute value with FD-CNN" in page and "<h2>Samples</h2>" in page
+    assert not re.search(r'(?:src|href)="(?!data:)[^"]*\.png"', page)  # nothing left to fetch
+    images = _embedded(page)
+    assert len(images) == 9  # 6 figures and the 3 linked round grids
+    figures = [(out / name).read_bytes() for name in ("quality-fd-cnn.png", "communication.png", "samples.png",
+                                                     "labels-udec-iid.png")]
+    assert all(figure in images for figure in figures)
+    assert images.count((runs[0] / "samples" / "round-002.png").read_bytes()) == 3
+    assert page.count('download="round-002.png"') == 3
+
+
+def test_cli_html_flag_prints_both_paths(runs: list[Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli-out"
+    assert main(["report", *map(str, runs), "--out", str(out), "--html"]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(out / "report.md"), str(out / "report.html")]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
+def test_html_report_renders_in_headless_chromium_on_its_own(runs: list[Path], tmp_path: Path) -> None:
+    """The page alone, moved out of its folder: the label plot (20 x 10 pure blue) shows only if embedded."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    page = shutil.copy(write_html(write_report(runs, tmp_path / "out")), alone / "report.html")
+    shot = tmp_path / "shot.png"
+    done = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,6000",
+         Path(page).as_uri()],
+        capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.int64)
+    assert pixels.shape == (6000, 1200, 3)
+    assert pixels.std() > 20  # not blank: text, tables and plots
+    assert int(np.all(pixels == (0, 0, 255), axis=-1).sum()) == 20 * 10  # the embedded label plot, whole
+    written = np.where(pixels.min(axis=(1, 2)) < 200)[0]
+    assert written.max() > 3000  # the page goes on past the quality figures (samples, tables)

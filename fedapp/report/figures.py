@@ -43,7 +43,7 @@ def plot_metric(runs: Sequence[Run], metric: Metric, path: Path) -> Path | None:
     ax.set_xlabel("round")
     ax.set_ylabel(metric.title if len(metric.title) < 40 else metric.title.split(" (")[0])
     ax.set_title(f"{metric.title}\nlower is better; band: ± std over the clients' models", fontsize=9)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _round_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -61,7 +61,7 @@ def plot_comm(runs: Sequence[Run], path: Path) -> Path | None:
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative parameters, down + up (millions)")
     ax.set_title("cumulative training communication (evaluation traffic not included)", fontsize=9)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _round_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -83,6 +83,16 @@ def plot_samples(grids: Sequence[tuple[Run, Path, int]], path: Path) -> Path | N
         where = "all data" if run.is_baseline else run.partitioner
         ax.set_title(f"{run.method} · {where}\n{run.name}, round {rnd}", fontsize=8)
     return _save(fig, path)
+
+
+def _round_axis(ax: plt.Axes) -> None:
+    """Whole rounds on the x axis; with a single round (an eval every 5 of 5) matplotlib's default
+    span of ±0.3 holds one integer, and the locator falls back to ticks such as 4.86 and 4.92."""
+    low, high = ax.get_xlim()
+    if high - low < 2:
+        middle = (low + high) / 2
+        ax.set_xlim(middle - 1, middle + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _legend(run: Run, runs: Sequence[Run]) -> str:

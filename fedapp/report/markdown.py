@@ -206,7 +206,7 @@ def results_section(runs: Sequence[Run]) -> list[str]:
 def _run_notes(run: Run, runs: Sequence[Run]) -> list[str]:
     notes = []
     if not run.rows:
-        notes.append(f"- `{run.name}`: no completed round yet (metrics.jsonl missing or empty).")
+        notes.append(f"- `{run.name}`: no completed round yet (metrics.jsonl is empty).")
     elif not series(run, METRICS[0]) and not series(run, METRICS[1]):
         notes.append(f"- `{run.name}`: no evaluation round with quality metrics yet.")
     full = full_counterpart(run, runs)

@@ -139,14 +139,30 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+RUN_KEYS: tuple[tuple[str, str, type], ...] = (("strategy", "name", str), ("data", "name", str),
+                                               ("train", "rounds", int))
+"""What every fedapp run's config.toml names, old versions' too; a TOML file without them is someone else's."""
+
+
 def load_run(path: Path) -> Run:
-    """A run directory is one with a ``config.toml``; ``metrics.jsonl`` may not exist yet."""
+    """A run directory holds the ``config.toml`` the ServerApp writes and the ``metrics.jsonl`` of its rounds.
+
+    Anything else is refused here, with the reason, rather than reported as a column of "?": a folder
+    with some other ``config.toml``, or a run that has not finished its first round yet.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run directory")
     if not path.is_dir() or not (path / "config.toml").is_file():
         raise ValueError(f"{path} is not a run directory (no config.toml)")
     config = _read_config(path / "config.toml")
+    missing = [f"{section}.{key}" for section, key, kind in RUN_KEYS
+               if not isinstance(_dig(config, section, key), kind)]
+    if missing:
+        raise ValueError(f"{path} is not a run directory: its config.toml is not a fedapp run's "
+                         f"(no {', '.join(missing)})")
+    if not (path / "metrics.jsonl").is_file():
+        raise ValueError(f"{path} is not a run directory with a finished round (no metrics.jsonl)")
     return Run(path.resolve().name, path, config, _read_rows(path / "metrics.jsonl"))
 
 
