@@ -124,6 +124,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         batch_size=cfg.eval.batch_size, seed=eval_seed(cfg.seed, pid), device=device,
     )
     metrics = MetricRecord({NUM_EXAMPLES: len(images), "eval-loss": loss})
+    if is_personalized(cfg.strategy.name):  # whose own model this scored: the server tracks each client
+        metrics[PARTITION_ID] = pid  # an identifier, never averaged (mean_std_over_clients skips it)
     if is_personalized(cfg.strategy.name) and cfg.eval.is_eval_round(server_round, cfg.train.rounds):
         meter = quality_meter(cfg, device)
         if meter.enabled:

@@ -193,6 +193,8 @@ class OutputConfig(_Section):
     dir: str = "runs"
     name: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*)?$", max_length=200)
     progress: bool = True
+    # TensorBoard event files under <run>/tensorboard/, one step per round (fedapp.runs.tracking).
+    tensorboard: bool = True
     # A run directory to continue from its last complete round (``fedapp resume RUN`` sets it).
     resume: str = ""
 

@@ -26,6 +26,7 @@ from fedapp.protocol.keys import train_seed
 from fedapp.runs.checkpoint import save_checkpoint
 from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry, summary_line
 from fedapp.runs.rundir import RunDir
+from fedapp.runs.tracking import Tracker
 from fedapp.train.ema import ema_state, make_ema
 from fedapp.train.loop import denoising_loss, pick_device, train_local
 from fedapp.train.optim import Recipe
@@ -50,6 +51,7 @@ def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int) -> list[di
     meter = QualityMeter(cfg, device)
     rows: list[Row] = []
     clock = RoundClock()
+    tracker = Tracker.for_run(run.path, cfg)
     ema = make_ema(model, cfg.train)
     averaged = copy.deepcopy(model) if ema is not None else model
     optimizer: dict[str, object] | None = None
@@ -76,7 +78,7 @@ def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int) -> list[di
                 row["quality"] = quality_entry(cfg, scores, meter.anchors)
             row["samples"] = str(save_grid(samples, run.samples_path(rnd)).relative_to(run.path))
         kept = ema_state(ema, model) if ema is not None else None
-        close_round(run, cfg, model, rows, row, now, extra={"comm": []}, ema=kept)
+        close_round(run, cfg, model, rows, row, now, tracker=tracker, extra={"comm": []}, ema=kept)
         log(INFO, "centralized %s", summary_line(row, cfg.train.rounds))
         clock.lap()
     save_checkpoint(run.path / "final.pt", cfg, cfg.train.rounds, model, extra={"comm": [], "metrics": rows},

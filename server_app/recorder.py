@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from logging import ERROR, INFO, WARNING
@@ -24,13 +25,14 @@ from fedapp.log import log
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import UNet
 from fedapp.protocol.comm import CommLedger
-from fedapp.protocol.keys import NUM_EXAMPLES, NUM_PARTITIONS
+from fedapp.protocol.keys import NUM_EXAMPLES, NUM_PARTITIONS, PARTITION_ID
 from fedapp.protocol.methods import clients_own_models, is_personalized
 from fedapp.protocol.metrics import IDENTIFIERS, mean_std_over_clients
 from fedapp.protocol.records import load_record
 from fedapp.runs.node_state import collect_node_models, state_root
 from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry, summary_line
 from fedapp.runs.rundir import RunDir
+from fedapp.runs.tracking import Tracker
 from fedapp.train.ema import RoundEMA, ema_state, load_ema
 from fedapp.train.loop import pick_device
 from server_app.metering import MeteredGrid
@@ -64,6 +66,8 @@ class RoundRecorder:
         self.device = pick_device(cfg.train.device)
         self.clock = RoundClock()
         self.rows: list[Row] = []
+        self.tracker = Tracker.for_run(run.path, cfg)  # TensorBoard, fed the rows as they are logged
+        self.client_grids: dict[int, Path] = {}  # this round's grid of each client's own model
         self.label_plot_done = False
         self.strategy_metrics: dict[tuple[int, str], dict[str, object]] = {}
         self.meter = QualityMeter(cfg, self.device)
@@ -89,13 +93,18 @@ class RoundRecorder:
                                  comm=self.ledger.round_summary(server_round))
         if self.split is not None:
             row["collafuse"] = self.split.round_report(server_round)
+        if clients_own_models(self.cfg.strategy.name) and (per_client := self._per_client(server_round)):
+            row["per_client"] = per_client
         if self.cfg.eval.is_eval_round(server_round, self.cfg.train.rounds):
             quality, grid_path = self._quality(server_round, row["evaluate"])  # type: ignore[arg-type]
             if quality:
                 row["quality"] = quality
             if grid_path.exists():
                 row["samples"] = str(grid_path.relative_to(self.run.path))
-        close_round(self.run, self.cfg, self.model, self.rows, row, now,
+            if self.client_grids:
+                row["client_samples"] = {str(pid): str(p.relative_to(self.run.path))
+                                         for pid, p in sorted(self.client_grids.items())}
+        close_round(self.run, self.cfg, self.model, self.rows, row, now, tracker=self.tracker,
                     extra={"comm": self.ledger.rows(), **self.server_state()}, ema=self.ema_state())
         self.run.append_jsonl(
             self.run.comm_path, [t for t in self.ledger.rows() if t["server_round"] == server_round]
@@ -122,6 +131,26 @@ class RoundRecorder:
             return {}
         merged = (mean_std_over_clients if personal else aggregate_metricrecords)(contents, NUM_EXAMPLES)
         return {k: v for k, v in merged.items() if k not in IDENTIFIERS and not isinstance(v, list)}  # type: ignore[misc]
+
+    def _per_client(self, server_round: int) -> dict[str, dict[str, dict[str, float]]]:
+        """Each replying client's own finite figures, by partition id and phase (where clients own models).
+
+        The row's train and evaluate entries are the mean over the replies the strategy kept; these
+        are the replies themselves, so a client's curve can be read beside the mean.
+        """
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for phase in (MessageType.TRAIN, MessageType.EVALUATE):
+            for content in self.grid.round_metrics(server_round, phase):
+                if len(content.metric_records) != 1:
+                    continue
+                metrics = next(iter(content.metric_records.values()))
+                pid = metrics.get(PARTITION_ID)
+                if not is_count(metrics.get(NUM_EXAMPLES)) or not (is_count(pid) or pid == 0):
+                    continue
+                out.setdefault(str(int(pid)), {})[phase] = {  # type: ignore[arg-type]
+                    k: float(v) for k, v in metrics.items() if k not in (*IDENTIFIERS, NUM_EXAMPLES)
+                    and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+        return dict(sorted(out.items(), key=lambda item: int(item[0])))
 
     def _stop_without_updates(self, server_round: int) -> None:
         """Rounds with no model from any client would only repeat the failure; stop with its reason."""
@@ -169,6 +198,7 @@ class RoundRecorder:
         ev = self.cfg.eval
         path = self.run.samples_path(server_round)
         quality: dict[str, object] = {}
+        self.client_grids = {}
         if self.split is not None:
             quality.update(self._client_scores(evaluate))
             self._split_grids(server_round, path)
@@ -183,9 +213,10 @@ class RoundRecorder:
                 per_client = max(1, ev.num_samples // len(clients))
                 personal = copy.deepcopy(self.model)
                 rows = []
-                for _, state in sorted(clients.items()):
+                for pid, state in sorted(clients.items()):
                     personal.load_state_dict(state)
                     rows.append(self.meter.draw(personal, self.diffusion, per_client))
+                    self.client_grids[pid] = save_grid(rows[-1], path.with_name(f"{path.stem}-client-{pid}.png"))
                 save_grid(torch.cat(rows), path, nrow=per_client)
             else:
                 log(WARNING, "no client model is visible from the server; no sample grid for round %d",
@@ -210,7 +241,7 @@ class RoundRecorder:
             log(WARNING, "no client returned split-inference samples in round %d", server_round)
             return
         for pid, images in samples.items():
-            save_grid(images, path.with_name(f"{path.stem}-client-{pid}.png"))
+            self.client_grids[pid] = save_grid(images, path.with_name(f"{path.stem}-client-{pid}.png"))
         per_row = min(len(images) for images in samples.values())
         save_grid(torch.cat([images[:per_row] for images in samples.values()]), path, nrow=per_row)
 

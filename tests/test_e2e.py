@@ -77,6 +77,7 @@ def test_flwr_run_leaves_a_complete_run_directory(tmp_path: Path) -> None:
     assert train_comm["round"]["up_params"] == 2 * n_params
     assert train_comm["cumulative"]["down_params"] == 4 * n_params
     assert (run / "label-distribution.png").stat().st_size > 0
+    assert list((run / "tensorboard" / "server").glob("events.out.tfevents.*")), "no TensorBoard event files"
     assert len(read_jsonl(run / "comm.jsonl")) == 2 * 2 * 4  # rounds x clients x (train, evaluate) x (down, up)
 
     grid = tmp_path / "grid.png"

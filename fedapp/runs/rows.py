@@ -16,10 +16,13 @@ from torch import nn
 from fedapp.config import FedConfig
 from fedapp.runs.checkpoint import save_checkpoint
 from fedapp.runs.rundir import RunDir
+from fedapp.runs.tracking import Tracker
 
 Row = dict[str, Any]
 """``round``, ``round_s``, ``wall_s``, ``train``, ``evaluate``, ``comm``; then optionally
-``collafuse``, ``quality``, ``samples``; ``checkpoint`` and ``record_s`` when closed."""
+``collafuse``, ``quality``, ``samples``, and where clients own models ``per_client`` (each client's
+train and evaluate figures by partition id) and ``client_samples`` (each one's grid); ``checkpoint``
+and ``record_s`` when closed."""
 
 
 class RoundClock:
@@ -89,11 +92,17 @@ def summary_line(row: Row, rounds: int, sent_bytes: int | None = None) -> str:
 
 
 def close_round(run: RunDir, cfg: FedConfig, model: nn.Module, rows: list[Row], row: Row,
-                now: float, extra: dict[str, Any], ema: dict[str, Any] | None = None) -> None:
-    """Checkpoint the round (with every row so far, and the model's EMA), then log its row and keep it in ``rows``."""
+                now: float, extra: dict[str, Any], ema: dict[str, Any] | None = None,
+                tracker: Tracker | None = None) -> None:
+    """Checkpoint the round (with every row so far, and the model's EMA), then log its row and keep it in ``rows``.
+
+    ``tracker`` gets the row right after ``metrics.jsonl`` does: the live view shows what the log holds.
+    """
     checkpoint = run.checkpoint_path(row["round"])
     row["checkpoint"] = str(checkpoint.relative_to(run.path))
     row["record_s"] = round(time.perf_counter() - now, 3)
     save_checkpoint(checkpoint, cfg, row["round"], model, extra={**extra, "metrics": rows + [row]}, ema=ema)
     rows.append(row)
     run.append_jsonl(run.metrics_path, row)
+    if tracker is not None:
+        tracker.write(row)
