@@ -36,8 +36,6 @@ def _fail(err: Exception) -> SystemExit:
 def _start(context: Context) -> tuple[FedConfig, RunDir, ResumePoint | None]:
     try:
         cfg = parse_config(context.run_config)
-        if cfg.output.resume and cfg.strategy.name == "centralized":
-            raise ConfigError("output.resume: the centralized baseline cannot be resumed; run it again")
         point = load_resume_point(cfg) if cfg.output.resume else None
     except ConfigError as err:
         raise _fail(err) from None
@@ -55,7 +53,7 @@ def main(grid: Grid, context: Context) -> None:
 
     if cfg.strategy.name == "centralized":
         num = cfg.data.num_partitions or len(grid.get_node_ids())
-        rows = run_centralized(cfg, run, max(num, 1))
+        rows = run_centralized(cfg, run, max(num, 1), point)
         log(INFO, "centralized baseline finished: %d rounds in %s", len(rows), run.path)
         return
     model = build_model(cfg, seed=cfg.seed)

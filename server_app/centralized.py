@@ -6,6 +6,10 @@ epochs over the union of the clients' training parts, exactly what a single clie
 holding all the data would do (the papers' K = 1): with the same recipe (a fresh Adam per
 round, or one that persists, as ``train.optimizer-state`` says; an EMA over every step,
 which samples and evaluations use). It is evaluated on the union of the clients' held-out parts.
+
+Every round's checkpoint holds what the next round starts from (the trained weights, the EMA,
+the Adam state, the rows), so ``fedapp resume`` continues an interrupted baseline to the same
+result, as it does a federation.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from fedapp.log import log
 from fedapp.model.build import build_diffusion, build_model
 from fedapp.protocol.keys import train_seed
 from fedapp.runs.checkpoint import save_checkpoint
+from fedapp.runs.resume import ResumePoint, rng_state, set_rng_state
 from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry, summary_line
 from fedapp.runs.rundir import RunDir
 from fedapp.runs.tracking import Tracker
@@ -41,8 +46,9 @@ def pooled_data(cfg: FedConfig, num_partitions: int) -> tuple[torch.Tensor, torc
     return train, val
 
 
-def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int) -> list[dict[str, object]]:
-    """Train, checkpoint and measure round by round into ``run``; returns the metrics rows."""
+def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int,
+                    point: ResumePoint | None = None) -> list[dict[str, object]]:
+    """Train, checkpoint and measure round by round into ``run`` (after ``point``'s round); returns the rows."""
     device = pick_device(cfg.train.device)
     model, diffusion = build_model(cfg, seed=cfg.seed), build_diffusion(cfg)
     train, val = pooled_data(cfg, num_partitions)
@@ -52,10 +58,17 @@ def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int) -> list[di
     rows: list[Row] = []
     clock = RoundClock()
     tracker = Tracker.for_run(run.path, cfg)
-    ema = make_ema(model, cfg.train)
-    averaged = copy.deepcopy(model) if ema is not None else model
     optimizer: dict[str, object] | None = None
-    for rnd in range(1, cfg.train.rounds + 1):
+    if point is not None:
+        model.load_state_dict(point.model)
+        optimizer = point.extra["strategy"].get("optimizer")
+        set_rng_state(point.extra["rng"])
+        rows = list(point.extra["metrics"])
+        run.rewrite_jsonl(run.metrics_path, rows)  # exactly the checkpoint's rounds, each once
+        clock.resume(rows)
+    ema = make_ema(model, cfg.train, point.ema if point is not None else None)
+    averaged = copy.deepcopy(model) if ema is not None else model
+    for rnd in range((point.round if point is not None else 0) + 1, cfg.train.rounds + 1):
         result = train_local(
             model, diffusion, train, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size,
             recipe=Recipe.from_config(cfg.train, rnd), seed=train_seed(cfg.seed, rnd), device=device,
@@ -78,7 +91,8 @@ def run_centralized(cfg: FedConfig, run: RunDir, num_partitions: int) -> list[di
                 row["quality"] = quality_entry(cfg, scores, meter.anchors)
             row["samples"] = str(save_grid(samples, run.samples_path(rnd)).relative_to(run.path))
         kept = ema_state(ema, model) if ema is not None else None
-        close_round(run, cfg, model, rows, row, now, tracker=tracker, extra={"comm": []}, ema=kept)
+        close_round(run, cfg, model, rows, row, now, tracker=tracker, ema=kept,
+                    extra={"comm": [], "strategy": {"optimizer": optimizer}, "rng": rng_state()})
         log(INFO, "centralized %s", summary_line(row, cfg.train.rounds))
         clock.lap()
     save_checkpoint(run.path / "final.pt", cfg, cfg.train.rounds, model, extra={"comm": [], "metrics": rows},

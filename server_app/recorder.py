@@ -167,9 +167,7 @@ class RoundRecorder:
         done = int(rows[-1]["round"]) if rows else 0  # type: ignore[call-overload]
         self.run.rewrite_jsonl(self.run.metrics_path, self.rows)
         self.run.rewrite_jsonl(self.run.comm_path, [t for t in self.ledger.rows() if t["server_round"] <= done])  # type: ignore[operator]
-        wall = float(rows[-1]["wall_s"]) if rows else 0.0  # type: ignore[arg-type]
-        self.clock.started = time.perf_counter() - wall
-        self.clock.lap()
+        self.clock.resume(self.rows)  # type: ignore[arg-type]
         self.label_plot_done = self.run.label_plot_path.exists()
 
     def ema_state(self) -> dict[str, object] | None:

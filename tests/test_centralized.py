@@ -57,3 +57,46 @@ def test_centralized_run_writes_the_same_outputs_as_a_federation(tmp_path: Path)
     model, ckpt_cfg, payload = load_checkpoint(run.path / "final.pt")
     assert ckpt_cfg.strategy.name == "centralized" and payload["round"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in the baseline may catch it."""
+
+
+def test_a_killed_baseline_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import server_app.centralized as centralized
+    from fedapp.runs.resume import load_resume_point
+
+    fast = {"train.rounds": 3, "eval.every": 0, "train.final-lr-ratio": 0.2, "train.warmup-steps": 3}
+    whole_cfg = _cfg(tmp_path / "whole", **fast)
+    whole = run_centralized(whole_cfg, RunDir.create(whole_cfg), 2)
+
+    cut_cfg = _cfg(tmp_path / "cut", **fast)
+    run = RunDir.create(cut_cfg)
+    trained = centralized.train_local
+
+    def dies_in_round_3(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs["desc"].endswith("round 3"):
+            raise Killed
+        return trained(*args, **kwargs)
+
+    monkeypatch.setattr(centralized, "train_local", dies_in_round_3)
+    try:
+        run_centralized(cut_cfg, run, 2)
+    except Killed:
+        pass
+    else:
+        raise AssertionError("the baseline was not interrupted")
+    assert [r["round"] for r in read_jsonl(run.metrics_path)] == [1, 2] and not (run.path / "final.pt").exists()
+    monkeypatch.setattr(centralized, "train_local", trained)
+
+    resumed_cfg = _cfg(tmp_path / "cut", **fast, **{"output.resume": str(run.path)})
+    point = load_resume_point(resumed_cfg)
+    rows = run_centralized(resumed_cfg, point.run, 2, point)
+
+    assert [r["round"] for r in rows] == [r["round"] for r in read_jsonl(run.metrics_path)] == [1, 2, 3]
+    assert [r["train"]["train-loss"] for r in rows] == [r["train"]["train-loss"] for r in whole]
+    for sampling in (True, False):  # the EMA and the trained weights (Adam's state came back too)
+        got = load_checkpoint(run.path / "final.pt", sampling=sampling)[0].state_dict()
+        want = load_checkpoint(tmp_path / "whole" / "runs" / "central" / "final.pt", sampling=sampling)[0].state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)

@@ -38,6 +38,11 @@ class RoundClock:
         """The round's bookkeeping is done: the next round's time starts now."""
         self.last = time.perf_counter()
 
+    def resume(self, rows: list[Row]) -> None:
+        """Go on after a checkpoint's ``rows``: the run's wall time counts on from its last row's."""
+        self.started = time.perf_counter() - (float(rows[-1]["wall_s"]) if rows else 0.0)
+        self.lap()
+
     def new_row(self, server_round: int, now: float, *, train: dict[str, float],
                 evaluate: dict[str, float], comm: dict[str, Any]) -> Row:
         return {
