@@ -17,7 +17,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from fedapp.config import FedConfig
 from fedapp.data.partition import plot_label_distribution
 from fedapp.data.share import pool_partitioner
-from fedapp.data.sources import DatasetNotFoundError
+from fedapp.data.sources import CLASS_NAMES, DatasetNotFoundError
 from fedapp.eval.frechet import METRIC_NAMES, QUALITY_NAMES
 from fedapp.eval.grid import save_grid
 from fedapp.eval.quality import QualityMeter
@@ -280,6 +280,7 @@ class RoundRecorder:
             log(WARNING, "label-distribution plot skipped: the server has no copy of the data (%s)", err)
             return
         title = f"{self.cfg.data.name}, {self.cfg.data.partitioner}, {num} clients"
-        path = plot_label_distribution(partitioner, self.run.label_plot_path, title)
+        path = plot_label_distribution(partitioner, self.run.label_plot_path, title,
+                                       CLASS_NAMES.get(self.cfg.data.name))
         log(INFO, "label distribution: %s", path)
 

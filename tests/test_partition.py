@@ -18,11 +18,12 @@ from fedapp.data import sources as datasets
 from fedapp.data.partition import (
     build_partitioner,
     dirichlet_sizes,
+    label_distribution_figure,
     partition_indices,
     plot_label_distribution,
 )
 from fedapp.data.share import LocalData, local_data, partition_cache_path, pool_partitioner, training_pool
-from fedapp.data.sources import load_split
+from fedapp.data.sources import CLASS_NAMES, load_split
 
 N_EXAMPLES = 2000
 N_CLASSES = 10
@@ -219,6 +220,25 @@ def test_plot_label_distribution(labels: np.ndarray, tmp_path: Path) -> None:
     data = out.read_bytes()
     assert len(data) > 1000
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_label_distribution_legend_names_the_classes(labels: np.ndarray) -> None:
+    """Fashion-MNIST's legend reads T-shirt/top ... Ankle boot, not 0..9; without names it keeps the labels."""
+    import matplotlib.pyplot as plt
+
+    partitioner = build_partitioner(labels, config("label-skew"), N_CLIENTS, 0)
+    names = CLASS_NAMES["fashion-mnist"]
+    assert len(names) == N_CLASSES and names[0] == "T-shirt/top" and names[9] == "Ankle boot"
+
+    def legend_texts(class_names: tuple[str, ...] | None) -> set[str]:
+        fig = label_distribution_figure(partitioner, "label skew", class_names)
+        (legend,) = fig.legends
+        texts = {t.get_text() for t in legend.get_texts()}
+        plt.close(fig)
+        return texts
+
+    assert legend_texts(names) == set(names)
+    assert legend_texts(None) == {str(c) for c in range(N_CLASSES)}
 
 
 # ----------------------------------------------------------------------------- local_data

@@ -7,7 +7,9 @@ seed gives the same split on every node, so no node needs to be told its indices
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from datasets import Dataset, disable_progress_bars
@@ -20,6 +22,9 @@ from flwr_datasets.partitioner import (
 )
 
 from fedapp.config import DataConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _MAX_DRAWS = 100
 disable_progress_bars()
@@ -126,18 +131,37 @@ def partition_indices(partitioner: Partitioner, partition_id: int) -> np.ndarray
     return np.asarray(partitioner.load_partition(partition_id)["index"], dtype=np.int64)
 
 
-def plot_label_distribution(partitioner: Partitioner, path: Path, title: str) -> Path:
-    """Save flwr-datasets' per-client label histogram as a PNG."""
+def label_distribution_figure(partitioner: Partitioner, title: str,
+                              class_names: Sequence[str] | None = None) -> Figure:
+    """flwr-datasets' per-client label histogram, its legend naming each label's class.
+
+    The pool's labels are plain integers (the partitioners only need those), so flwr-datasets
+    would name them 0..9: ``class_names`` (``sources.CLASS_NAMES``) puts the names in their place.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from flwr_datasets.visualization import plot_label_distributions
 
     fig, _, _ = plot_label_distributions(
         partitioner, label_name="label", plot_type="bar", size_unit="absolute",
-        legend=True, title=title, verbose_labels=False,
+        legend=True, legend_title="class" if class_names else None, title=title, verbose_labels=False,
     )
+    if class_names:
+        for legend in fig.legends:
+            for text in legend.get_texts():
+                label = text.get_text()
+                if label.isdigit() and int(label) < len(class_names):
+                    text.set_text(class_names[int(label)])
+    return fig
+
+
+def plot_label_distribution(partitioner: Partitioner, path: Path, title: str,
+                            class_names: Sequence[str] | None = None) -> Path:
+    """Save :func:`label_distribution_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = label_distribution_figure(partitioner, title, class_names)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -46,6 +46,7 @@ from fedapp.data.imagedata import (
 from fedapp.files import one_line
 
 __all__ = [
+    "CLASS_NAMES",
     "DEBIAN_FASHION_MNIST_DIR",
     "DatasetNotFoundError",
     "ImageData",
@@ -60,6 +61,13 @@ log = logging.getLogger(__name__)  # a child of fedapp's logger (fedapp.log)
 #: A module constant so tests can point it elsewhere.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+
+#: The class of each label, for the data sets whose classes are fixed: label i is ``CLASS_NAMES[name][i]``.
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
 
 _IDX_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
