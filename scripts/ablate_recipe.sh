@@ -20,10 +20,10 @@ declare -A arms=(
   [no-warmup]="train.warmup-steps=0"
   [no-clip]="train.grad-clip=0.0"
   [no-min-snr]="diffusion.min-snr-gamma=0.0"
-  [no-decay]="train.final-lr-ratio=1.0"
-  [all-off]='train.ema-decay=0.0 train.optimizer-state="fresh" train.warmup-steps=0 train.grad-clip=0.0 diffusion.min-snr-gamma=0.0 train.final-lr-ratio=1.0'
+  [all-off]='train.ema-decay=0.0 train.optimizer-state="fresh" train.warmup-steps=0 train.grad-clip=0.0 diffusion.min-snr-gamma=0.0'
+  [lr-decay]="train.final-lr-ratio=0.1"  # on, where the default is flat
 )
-order=(default no-ema fresh-adam no-warmup no-clip no-min-snr no-decay all-off)
+order=(default no-ema fresh-adam no-warmup no-clip no-min-snr all-off lr-decay)
 [ $# -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   [ -v "arms[$name]" ] || { echo "unknown arm: $name (known: ${!arms[*]})" >&2; exit 2; }
