@@ -24,9 +24,10 @@ export FEDAPP_RESOURCES
 
 # `make demo`'s scale (conf/demo.toml) with the default recipe: 5 clients x 5,400 training images,
 # 10 rounds of one local epoch at batch 16; evaluated once, after round 10.
-rounds=10
+# STUDY_ROUNDS and STUDY_SCALE (more key=value pairs, last wins) shrink it for a smoke test.
+rounds=${STUDY_ROUNDS:-10}
 scale="data.max-train-examples=30000 data.num-partitions=5 train.rounds=$rounds eval.every=$rounds"
-scale="$scale eval.metric-samples=1000 eval.fid=\"off\" output.progress=false"
+scale="$scale eval.metric-samples=1000 eval.fid=\"off\" output.progress=false ${STUDY_SCALE:-}"
 
 # study_run NAME CONFIG: finish the run OUT/NAME (skip, resume or start it), then copy its results to docs.
 study_run() {

@@ -15,7 +15,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedapp.log import log
-from fedapp.protocol.metrics import mean_std_over_clients
+from fedapp.protocol.metrics import mean_std_over_clients, weighted_mean_over_clients
 from strategies.robust import Aggregation
 from strategies.validation import by_node, canonical_metrics, weight_problem
 
@@ -29,6 +29,8 @@ class FedappStrategy(FedAvg):
 
     def __init__(self, *args: Any, max_num_examples: int = 10_000_000, min_valid_replies: int = 1,
                  aggregation: Aggregation = "mean", trim_fraction: float = 0.2, **kwargs: Any) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", weighted_mean_over_clients)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", weighted_mean_over_clients)
         super().__init__(*args, **kwargs)
         self.max_num_examples, self.min_valid_replies = max_num_examples, min_valid_replies
         self.aggregation, self.trim_fraction = aggregation, trim_fraction

@@ -23,12 +23,11 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedapp.config import parse_config
 from fedapp.model.unet import UNet, unet_parts
 from fedapp.protocol.methods import ALL_PARTS, SHARED_PARTS, parts_keys, private_parts
-from fedapp.protocol.metrics import mean_std_over_clients
+from fedapp.protocol.metrics import mean_std_over_clients, weighted_mean_over_clients
 from fedapp.protocol.records import model_to_record
 from strategies import STRATEGIES, Full, build_strategy
 from strategies.partial import PartFedAvg, UDec, ULatDec, USplit
@@ -415,7 +414,7 @@ def test_build_strategy_wires_mean_std_only_for_personalized_methods(name: str) 
     if name in PERSONALIZED:
         assert strategy.evaluate_metrics_aggr_fn is mean_std_over_clients
     else:
-        assert strategy.evaluate_metrics_aggr_fn is aggregate_metricrecords
+        assert strategy.evaluate_metrics_aggr_fn is weighted_mean_over_clients
     records = [eval_content(1.0, 10), eval_content(3.0, 30)]
     out = strategy.evaluate_metrics_aggr_fn(records, strategy.weighted_by_key)
     assert out["eval-loss"] == pytest.approx(2.0 if name in PERSONALIZED else 2.5)

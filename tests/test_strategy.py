@@ -84,6 +84,21 @@ def test_aggregate_train_is_the_example_weighted_mean() -> None:
     assert float(weighted(LOSSES, EXAMPLES)) == pytest.approx(expected_loss)
 
 
+@pytest.mark.parametrize("method", ["full", "udec"])
+def test_the_aggregated_metrics_hold_no_averaged_identifiers(method: str) -> None:
+    per_node = {n: client_arrays(n) for n in EXAMPLES}
+    replies = []
+    for pid, n in enumerate(EXAMPLES):
+        content = train_content(per_node[n], EXAMPLES[n], LOSSES[n])
+        content["metrics"] = MetricRecord({**content["metrics"], "partition-id": pid, "num-partitions": 3})
+        replies.append(reply_from(n, content))
+    strategy = STRATEGIES[method]()
+    _, metrics = strategy.aggregate_train(1, replies) if method == "full" else (None, strategy.train_metrics_aggr_fn(
+        [r.content for r in replies], strategy.weighted_by_key))
+
+    assert metrics is not None and dict(metrics) == {"train-loss": pytest.approx(3.1)}  # (10 + 60 + 240) / 100
+
+
 def test_errored_reply_is_dropped_and_the_rest_averaged() -> None:
     per_node = {n: client_arrays(n) for n in EXAMPLES}
     good = [reply_from(n, train_content(per_node[n], EXAMPLES[n], LOSSES[n])) for n in EXAMPLES]
