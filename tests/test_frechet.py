@@ -263,3 +263,16 @@ def test_the_distance_is_the_same_with_a_scipy_without_sqrtm_disp(monkeypatch: p
 
     monkeypatch.setattr(frechet.linalg, "sqrtm", sqrtm_without_disp)
     assert frechet.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_singular_covariance_scores_without_a_warning() -> None:
+    import warnings
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 16)), rng.normal(loc=0.5, size=(8, 16))  # 8 samples in 16 dimensions
+    a, b = (frechet.Stats(mu=v.mean(0), sigma=np.cov(v, rowvar=False), n=8) for v in (x, y))
+    assert np.linalg.matrix_rank(a.sigma) < 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's deprecation of sqrtm(disp) and its LinAlgWarning included
+        distance = frechet_distance(a, b)
+    assert np.isfinite(distance) and distance > 16 * 0.25 * 0.5  # at least most of |mu_a - mu_b|^2

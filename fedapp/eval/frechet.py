@@ -9,7 +9,7 @@ computed once per data set, split, image size and feature network, and cached as
 from __future__ import annotations
 
 import hashlib
-import inspect
+import warnings
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
@@ -100,7 +100,8 @@ def features(space: nn.Module, images: torch.Tensor, *, batch_size: int = 256,
 class _SqrtmWithDisp(ModuleType):
     """scipy.linalg, with the ``sqrtm(..., disp=False)`` form that pytorch-fid 0.3 calls.
 
-    Newer scipy dropped ``disp``; pytorch-fid only reads the root, never the error estimate.
+    scipy deprecated ``disp`` and newer scipy dropped it; pytorch-fid only reads the root, never
+    the error estimate, so the root alone is what it gets, and no deprecation warning per score.
     """
 
     def __getattr__(self, name: str) -> object:
@@ -112,9 +113,11 @@ class _SqrtmWithDisp(ModuleType):
 
 
 def frechet_distance(a: Stats, b: Stats) -> float:
-    if "disp" in inspect.signature(linalg.sqrtm).parameters:
-        return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
-    with mock.patch.object(fid_score, "linalg", _SqrtmWithDisp("scipy.linalg")):
+    """pytorch-fid's distance. Its "Matrix is singular" warning is silenced: a covariance of a few
+    hundred samples is often near-singular, and pytorch-fid already adds its offset where the root
+    is not finite; the warning said nothing a reader could act on, every evaluation round."""
+    with mock.patch.object(fid_score, "linalg", _SqrtmWithDisp("scipy.linalg")), warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
         return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
 
 
