@@ -105,8 +105,10 @@ class TrainConfig(_Section):
     # An EMA of the weights samples and evaluations use (diffusers' EMAModel); 0: off, sample the
     # trained weights. Full and USplit: the server keeps it over the global model, one update a round
     # standing for that round's local steps; ULatDec, UDec, CollaFuse's clients and the centralized
-    # baseline: over every optimizer step of the model they train (on the node's disk).
-    ema_decay: float = Field(0.995, ge=0, lt=1)
+    # baseline: over every optimizer step of the model they train (on the node's disk). Off by default:
+    # at make run's 5 rounds the server's EMA cost FD-CNN on each of 3 sample seeds (docs/BENCHMARKS.md);
+    # conf/demo.toml, 10 rounds, turns it on (0.995).
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     ema_power: float = Field(2 / 3, gt=0)  # EMAModel's warm-up: decay = 1 - (1 + step) ** -power, capped
     max_steps_per_round: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"

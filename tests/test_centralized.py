@@ -67,7 +67,8 @@ def test_a_killed_baseline_resumes_to_the_uninterrupted_result(tmp_path: Path, m
     import server_app.centralized as centralized
     from fedapp.runs.resume import load_resume_point
 
-    fast = {"train.rounds": 3, "eval.every": 0, "train.final-lr-ratio": 0.2, "train.warmup-steps": 3}
+    fast = {"train.rounds": 3, "eval.every": 0, "train.final-lr-ratio": 0.2, "train.warmup-steps": 3,
+            "train.ema-decay": 0.995}
     whole_cfg = _cfg(tmp_path / "whole", **fast)
     whole = run_centralized(whole_cfg, RunDir.create(whole_cfg), 2)
 

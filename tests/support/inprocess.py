@@ -31,6 +31,7 @@ def tiny_config(tmp_path: Path, **overrides: Any) -> FedConfig:
         "train.rounds": 3, "train.batch-size": 16, "train.max-steps-per-round": 2, "train.lr": 1e-3,
         "eval.max-val-examples": 8, "eval.metric-samples": 0, "eval.fid": "off", "output.progress": False,
         "train.node-state-dir": str(tmp_path / "nodes"), "output.dir": str(tmp_path / "runs"),
+        "train.ema-decay": 0.995,  # off by default; the tests follow it where it lives, through resumes
     }
     return parse_config({**base, **overrides})
 
