@@ -126,7 +126,7 @@ def test_private_parts_survive_the_server_resending_the_whole_model(tmp_path: Pa
     assert before is not None
     resend = Message(RecordDict({"arrays": initial, "config": ConfigRecord({"server-round": 2})}),
                      message_type=MessageType.TRAIN, dst_node_id=node)
-    run.cfg = run.cfg.model_copy(update={"train": run.cfg.train.model_copy(update={"lr": 1e-12})})
+    run.cfg = run.cfg.model_copy(update={"train": run.cfg.train.model_copy(update={"lr": 1e-12, "rounds": 2})})
     run.respond(resend)
     after = load_node_model(directory)
     assert after is not None
