@@ -249,33 +249,9 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def merged_run_config(items: list[str]) -> list[str]:
-    """``--run-config`` values as flwr run takes them: TOML files or key=value pairs, never both.
-
-    Given both (``make demo``: a config in conf/ and the run directory), each file becomes its pairs.
-    """
-    import tomllib
-
-    from fedapp.config import flatten, run_config_arg
-
-    files = sum(item.endswith(".toml") for item in items)
-    if files in (0, len(items)):
-        return items
-    merged = []
-    for item in items:
-        if item.endswith(".toml"):
-            try:
-                merged.append(run_config_arg(flatten(tomllib.loads(Path(item).read_text()))))
-            except (OSError, tomllib.TOMLDecodeError) as err:
-                raise ValueError(f"--run-config {item}: {err}") from None
-        else:
-            merged.append(item)
-    return [" ".join(merged)]
-
-
 def _run(args: argparse.Namespace) -> int:
     """A local simulation (or a run on ``--connection``) that exits non-zero unless the run finished."""
-    from fedapp.deploy.simulation import launch
+    from fedapp.deploy.simulation import launch, merged_run_config
 
     clients = f"num-supernodes={args.clients}" if args.clients and not args.connection else ""
     federation = " ".join(filter(None, [clients, args.resources]))

@@ -7,8 +7,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 # run_once OUT NAME SUPERNODES RUN_CONFIG [MORE_CONFIG]: one `flwr run` into OUT/NAME, logged to
 # OUT/NAME.log; a run that finished before (its final.pt exists) is skipped, and a failed one stops the
-# script. MORE_CONFIG goes as a second --run-config, so its keys override RUN_CONFIG's (one string
-# may not name a key twice).
+# script. MORE_CONFIG goes as a second --run-config, which `fedapp run` merges key by key: its keys
+# override RUN_CONFIG's (one string may not name a key twice; plain flwr run would merge by section).
 # FEDAPP_RESOURCES, when set, is passed as `fedapp run --resources` (the federation's Ray resources).
 run_once() {
   local out=$1 name=$2 nodes=$3 config=$4 more=${5:-} start

@@ -113,7 +113,7 @@ def test_arguments_after_a_double_dash_go_to_flwr_run(tmp_path: Path, monkeypatc
 
 def test_a_config_file_and_pairs_become_one_run_config_flwr_accepts(tmp_path: Path) -> None:
     """flwr run refuses TOML files alongside key=value pairs; fedapp run turns the files into pairs."""
-    from fedapp.cli import merged_run_config
+    from fedapp.deploy.simulation import merged_run_config
 
     conf = tmp_path / "demo.toml"
     conf.write_text('[train]\nrounds = 12\n\n[output]\nname = "demo"\n')
@@ -122,6 +122,11 @@ def test_a_config_file_and_pairs_become_one_run_config_flwr_accepts(tmp_path: Pa
     assert merged_run_config(["seed=1"]) == ["seed=1"]
     with pytest.raises(ValueError, match="missing.toml"):
         merged_run_config([str(tmp_path / "missing.toml"), "seed=1"])
+    # Key by key, the last value wins: flwr itself would let the second train.* pair drop train.lr.
+    assert merged_run_config(["train.rounds=2 train.lr=0.1", 'train.rounds=3 data.name="cifar10"']) == \
+        ['train.rounds=3 train.lr=0.1 data.name="cifar10"']
+    with pytest.raises(ValueError, match="train.rounds==2"):
+        merged_run_config(["seed=1", "train.rounds==2 x"])
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -13,11 +13,15 @@ import re
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedapp.config import run_config_arg
+import click
+from flwr.common.config import parse_config_args
+
+from fedapp.config import flatten, run_config_arg
 from fedapp.deploy.processes import free_ports, stop_pids, superlink_pids
 from fedapp.runs.rundir import RUN_DIR_LINE, unfinished
 
@@ -115,3 +119,25 @@ def launch(app: Path, run_config: list[str], flwr_args: list[str], federation_co
         return code or 1
     print(f"fedapp: run finished: {run}")
     return 0
+
+
+def merged_run_config(items: list[str]) -> list[str]:
+    """``--run-config`` values as flwr run takes them: one value, later keys overriding earlier ones.
+
+    flwr run refuses TOML files beside key=value pairs and a string that names a key twice, and it
+    merges several strings section by section: a second string's ``train.*`` pairs drop the first
+    one's other ``train.*`` keys. So a lone value goes as it is, and several (``make demo``: a config
+    in conf/ and the run directory) become one string of pairs, key by key.
+    """
+    if len(items) <= 1:
+        return items
+    merged: dict[str, object] = {}
+    for item in items:
+        try:
+            merged.update(flatten(tomllib.loads(Path(item).read_text())) if item.endswith(".toml")
+                          else parse_config_args([item]))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"--run-config {item}: {err}") from None
+        except click.ClickException as err:
+            raise ValueError(f"--run-config {item!r}: {err.message}") from None
+    return [run_config_arg(merged)]
