@@ -86,10 +86,12 @@ def features(space: nn.Module, images: torch.Tensor, *, batch_size: int = 256,
     """``space``'s features (N, D) in float64 of uint8 or [-1, 1] float images; finite or a ValueError."""
     space = space.to(device).eval()
     feats = []
-    for first in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        batch = images[first:first + batch_size]
-        x = to_model_range(batch) if batch.dtype == torch.uint8 else batch.to(torch.float32)
-        feats.append(space(x.to(device)).to("cpu", torch.float64))
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for first in range(0, len(images), batch_size):
+            batch = images[first:first + batch_size]
+            x = to_model_range(batch) if batch.dtype == torch.uint8 else batch.to(torch.float32)
+            feats.append(space(x.to(device)).to("cpu", torch.float64))
+            bar.update(len(batch))
     space.to("cpu")
     f = torch.cat(feats).numpy()
     if not np.isfinite(f).all():

@@ -179,10 +179,14 @@ class Diffusion:
         was_training = model.training
         model.eval()
         try:
-            for t in tqdm(todo, desc=f"{kind} sampling", disable=not progress, leave=False):
+            bar = tqdm(todo, desc=f"{kind} sampling", unit="step", disable=not progress, leave=False)
+            for done, t in enumerate(bar, start=1):
                 t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
                 eps = model(x, t_batch)
                 x = sched.step(eps, int(t), x, generator=generator, **extra).prev_sample
+                if progress:  # images finished per second, had the batch stopped here
+                    rate = x.shape[0] * done / len(todo) / max(bar.format_dict["elapsed"], 1e-9)
+                    bar.set_postfix_str(f"{rate:.1f} img/s", refresh=False)
         finally:
             model.train(was_training)
         return x
