@@ -12,7 +12,6 @@ from typing import Protocol
 
 import torch
 from flwr.app import ArrayRecord, MessageType, MetricRecord
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedapp.config import FedConfig
 from fedapp.data.partition import plot_label_distribution
@@ -27,7 +26,7 @@ from fedapp.model.unet import UNet
 from fedapp.protocol.comm import CommLedger
 from fedapp.protocol.keys import NUM_EXAMPLES, NUM_PARTITIONS, PARTITION_ID
 from fedapp.protocol.methods import clients_own_models, is_personalized
-from fedapp.protocol.metrics import IDENTIFIERS, mean_std_over_clients
+from fedapp.protocol.metrics import IDENTIFIERS, mean_std_over_clients, weighted_mean_over_clients
 from fedapp.protocol.records import load_record
 from fedapp.runs.node_state import collect_node_models, state_root
 from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry, summary_line
@@ -129,8 +128,8 @@ class RoundRecorder:
         canonical_metrics(contents, common=not personal)
         if not contents:
             return {}
-        merged = (mean_std_over_clients if personal else aggregate_metricrecords)(contents, NUM_EXAMPLES)
-        return {k: v for k, v in merged.items() if k not in IDENTIFIERS and not isinstance(v, list)}  # type: ignore[misc]
+        merged = (mean_std_over_clients if personal else weighted_mean_over_clients)(contents, NUM_EXAMPLES)
+        return {k: v for k, v in merged.items() if not isinstance(v, list)}  # both leave the identifiers out
 
     def _per_client(self, server_round: int) -> dict[str, dict[str, dict[str, float]]]:
         """Each replying client's own finite figures, by partition id and phase (where clients own models).
