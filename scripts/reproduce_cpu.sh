@@ -7,10 +7,11 @@
 #
 # It takes hours on 2 CPU cores (about 45 minutes a federated run, more for the personalized methods,
 # whose five clients each score their own model), so it is made to be stopped and run again:
-#   - a run with final.pt is done and skipped; one with round checkpoints continues with `fedapp resume`;
-#     one without any is started over;
+#   - a run with final.pt, or whose results are already in the docs folder (a fresh machine), is done and
+#     skipped; one with round checkpoints continues with `fedapp resume`; one without any is started over;
 #   - every finished run's config, metrics and last grid are copied to docs/results/study/NAME/
-#     (STUDY_DOCS overrides the folder), small enough to commit, and with STUDY_COMMIT=1 committed;
+#     (STUDY_DOCS overrides the folder), small enough to commit, and with STUDY_COMMIT=1 committed in the
+#     repository that holds that folder (so the study can run from a worktree pinned to one commit);
 #   - after the last run, one `fedapp report` over everything that finished.
 set -euo pipefail
 out=$(realpath -m "${1:?usage: $0 OUT_DIR [SEED...]}")
@@ -34,6 +35,8 @@ study_run() {
   local name=$1 config=$2 run="$out/$1" start
   if [ -f "$run/final.pt" ]; then
     echo "$name: done before"
+  elif grep -qs "\"round\": $rounds," "$docs/$name/metrics.jsonl"; then
+    echo "$name: done before, results in $docs/$name"; return 0
   elif ls "$run"/checkpoints/round-*.pt >/dev/null 2>&1; then
     start=$(date +%s)
     fedapp resume "$run" --rounds "$rounds" -- --federation-config "num-supernodes=5 $FEDAPP_RESOURCES" \
@@ -48,7 +51,8 @@ study_run() {
   cp "$run"/samples/*.png "$docs/$name/" 2>/dev/null || true  # one evaluation round: its grids only
   cp "$run/label-distribution.png" "$docs/$name/" 2>/dev/null || true
   if [ "${STUDY_COMMIT:-0}" = 1 ]; then
-    git add "$docs/$name" && git commit -q -m "CPU study: $name finished" -- "$docs/$name" || true
+    git -C "$docs/$name" add . && git -C "$docs/$name" commit -q -m "CPU study: $name finished" -- . \
+      || echo "$name: not committed, commit $docs/$name by hand"
   fi
 }
 
@@ -59,7 +63,7 @@ for seed in "${seeds[@]}"; do
   study_run "centralized-s$seed" "strategy.name=\"centralized\" $common"
 done
 for partitioner in iid label-skew; do
-  for method in full usplit ulatdec udec; do
+  for method in full udec ulatdec usplit; do
     for seed in "${seeds[@]}"; do
       names+=("$partitioner-$method-s$seed")
       study_run "$partitioner-$method-s$seed" \
@@ -73,4 +77,6 @@ for c in 0 0.2 0.5 1.0; do
     study_run "collafuse-c$c-s$seed" "strategy.name=\"collafuse\" collafuse.cut-ratio=$c seed=$seed $scale"
   done
 done
-fedapp report "${names[@]/#/$out/}" --out "$out/report"
+finished=()
+for name in "${names[@]}"; do [ -f "$out/$name/final.pt" ] && finished+=("$out/$name"); done
+fedapp report "${finished[@]}" --out "$out/report"
