@@ -60,7 +60,7 @@ test-fast: install
 bench: install
 	$(BIN)/python -m bench.train_throughput --dim 16 --batch 64 --steps 60 --repeats 3
 	$(BIN)/python -m bench.federation_overhead --rounds 3
-	$(BIN)/python -m bench.transport_quality --methods full,udec --dtypes float32,float16,bfloat16 \
+	$(BIN)/python -m bench.transport_quality --methods full,udec --transports float32,float16,int8,int4,int8+delta,int4+delta \
 	  --clients 10 --rounds 15 --max-steps 1 --batch 16 --examples 2000 --metric-samples 0 --device cpu
 	$(BIN)/python -m bench.deployment_cost --nodes 2 --workdir $(CURDIR)/.bench/deployment
 	$(BIN)/python -m bench.federation_overhead --scaling

@@ -25,13 +25,13 @@ from client_app.node import (
     quality_meter,
     report_parts,
     save_trained,
+    upload,
 )
 from fedapp.data.pixels import to_uint8
 from fedapp.eval.disclosure import audit_upload
 from fedapp.model.build import build_diffusion
 from fedapp.model.unet import unet_parts
 from fedapp.protocol.keys import (
-    ARRAYS,
     AUDIT_ROUND,
     COLLAFUSE,
     CONFIG,
@@ -48,13 +48,13 @@ from fedapp.protocol.keys import (
     X_CUT,
     eval_seed,
     train_seed,
+    upload_seed,
 )
 from fedapp.protocol.methods import is_personalized, parts_keys
 from fedapp.protocol.records import (
     decode_array,
     decode_record,
     encode_tensor,
-    model_to_record,
     upload_to_record,
 )
 from fedapp.runs.node_state import save_node_file
@@ -106,8 +106,9 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     save_trained(cfg, directory, model, result, ema, pid, server_round, own_model=personal)
-    arrays = model_to_record(model, keys=report_keys, dtype=cfg.transport.dtype)
-    reply = RecordDict({ARRAYS: arrays, METRICS: metrics})
+    reply = upload(cfg, msg, model, report_keys, directory, pid, server_round,
+                   seed=upload_seed(cfg.seed, server_round, pid))
+    reply[METRICS] = metrics
     return Message(reply, reply_to=msg)
 
 

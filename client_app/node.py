@@ -13,30 +13,40 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedapp.config import FedConfig, parse_config
 from fedapp.data.share import LocalData, local_data
 from fedapp.eval.disclosure import similarity
 from fedapp.model.build import build_model
 from fedapp.model.unet import UNet, unet_parts
+from fedapp.protocol.delta import RESYNC, add_change, client_update, quantizer_for, state_digest
 from fedapp.protocol.keys import (
     ARRAYS,
     AUDIT_X0,
     CONFIG,
+    INIT_DIGEST,
     NUM_PARTITIONS,
     PARTITION_ID,
     REPORT_PARTS,
     STATE_RUN,
     T_CUT,
+    TRANSPORT,
+    TRANSPORT_BASE,
+    TRANSPORT_VERSION,
 )
-from fedapp.protocol.methods import ALL_PARTS, parts_keys, private_parts
+from fedapp.protocol.methods import ALL_PARTS, SHARED_PARTS, parts_keys, private_parts
 from fedapp.protocol.records import (
+    ArrayProblem,
     decode_array,
+    encode_state,
     load_record,
+    model_to_record,
 )
 from fedapp.runs.node_state import (
     OPTIMIZER,
+    REFERENCE,
+    RESIDUAL,
     load_node_file,
     load_node_model,
     load_node_round,
@@ -118,8 +128,8 @@ def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
     Returns the model, the node's state folder and the saved payload it read (None if none).
     """
     model = build_model(cfg)
-    incoming = msg.content[ARRAYS]
     directory = state_dir(cfg, msg, context, pid)
+    incoming = received_arrays(cfg, msg, directory, pid)
     own = set(model.state_dict())
     missing = own - set(incoming.keys())
     keep = set(parts_keys(private_parts(cfg.strategy.name), unet_parts(model)))
@@ -136,6 +146,67 @@ def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
         take = missing | keep
         model.load_state_dict({k: v for k, v in saved["model"].items() if k in take}, strict=False)
     return model, directory, saved
+
+
+# ------------------------------------------------------------------------------------ transport
+def received_arrays(cfg: FedConfig, msg: Message, directory: Path, pid: int) -> ArrayRecord:
+    """The model arrays the server means: as sent, or, with a delta payload, the seeded initialization
+    with the shared arrays of the reference version the message makes (kept on disk for the next one)."""
+    if cfg.transport.payload != "delta":
+        return msg.content[ARRAYS]
+    config = msg.content[CONFIG]
+    version, base = int(config[TRANSPORT_VERSION]), int(config[TRANSPORT_BASE])  # type: ignore[call-overload]
+    init = build_model(cfg, seed=cfg.seed).state_dict()
+    keys = parts_keys(SHARED_PARTS[cfg.strategy.name], unet_parts(init))
+    record = msg.content.array_records.get(ARRAYS, ArrayRecord())
+    try:
+        if base == RESYNC:
+            if set(record.keys()) != set(keys):
+                raise ArrayProblem(f"a whole version holds {len(record)} arrays, the method shares {len(keys)}")
+            reference = add_change({k: torch.zeros_like(init[k]) for k in keys}, record)
+        else:
+            held = held_reference(directory, base, init, keys, str(config.get(INIT_DIGEST, "")))
+            reference = held if base == version else {**held, **add_change(held, record)}
+    except ArrayProblem as err:
+        raise ValueError(f"transport version {version} from the server does not decode: {err}") from None
+    if base != version:
+        save_node_round(directory, REFERENCE, {"arrays": reference}, pid, version)
+    return encode_state({**init, **reference})
+
+
+def held_reference(directory: Path, version: int, init: Mapping[str, torch.Tensor], keys: list[str],
+                   init_digest: str) -> dict[str, torch.Tensor]:
+    """This node's reference of ``version``: the seeded initialization (checked against the server's
+    fingerprint) for 0, else the one on its disk."""
+    if version == 0:
+        if init_digest and state_digest(init, keys) != init_digest:
+            raise RuntimeError("this node's seeded initialization differs from the server's (another torch "
+                               "version or model config?); use transport.payload = \"weights\"")
+        return {k: init[k].float() for k in keys}
+    for payload in (load_node_round(directory, REFERENCE, version), load_node_round(directory, REFERENCE)):
+        if payload is not None and int(payload["round"]) == version:  # type: ignore[call-overload]
+            return payload["arrays"]  # type: ignore[return-value]
+    raise RuntimeError(f"the server sent a change to transport version {version}, which this node no longer "
+                       f"holds in {directory}; the next message will carry a version whole")
+
+
+def upload(cfg: FedConfig, msg: Message, model: UNet, keys: list[str], directory: Path, pid: int,
+           server_round: int, seed: int) -> RecordDict:
+    """A train reply's arrays: the reported weights, or with a delta payload their change to the
+    reference this round started from (plus the carried residual, whose new value stays on disk)."""
+    transport = cfg.transport
+    if transport.payload != "delta":
+        return RecordDict({ARRAYS: model_to_record(model, keys, transport.dtype, quantizer_for(transport, seed))})
+    version = int(msg.content[CONFIG][TRANSPORT_VERSION])  # type: ignore[call-overload]
+    init = build_model(cfg, seed=cfg.seed).state_dict()
+    reference = held_reference(directory, version, init, parts_keys(SHARED_PARTS[cfg.strategy.name],
+                                                                    unet_parts(init)), "")
+    carried = load_node_round(directory, RESIDUAL, server_round - 1) if transport.error_feedback else None
+    record, residual = client_update(model.state_dict(), reference, carried["arrays"] if carried else None,  # type: ignore[arg-type]
+                                     keys, transport, seed)
+    if transport.error_feedback:
+        save_node_round(directory, RESIDUAL, {"arrays": residual}, pid, server_round)
+    return RecordDict({ARRAYS: record, TRANSPORT: ConfigRecord({TRANSPORT_BASE: version})})
 
 
 def carried_state(cfg: FedConfig, model: UNet, directory: Path, upto: int, keeps_ema: bool,

@@ -180,13 +180,25 @@ class EvalConfig(_Section):
         return self.every > 0 and (server_round % self.every == 0 or server_round == rounds)
 
 
-TransportDtype = Literal["float32", "float16", "bfloat16"]
+TransportDtype = Literal["float32", "float16", "bfloat16", "int8", "int4"]
 
 
 class TransportConfig(_Section):
-    """How model arrays travel. Narrow floats halve the bytes; both ends average and train in float32."""
+    """How model arrays travel. Narrow floats halve the bytes, 8- and 4-bit codes quarter and eighth
+    them; both ends average and train in float32 (``fedapp.protocol.quantize``, ``.delta``)."""
 
     dtype: TransportDtype = "float32"
+    # weights: the arrays themselves. delta: the change to a reference both ends hold (the seeded
+    # initialization first, so the first download costs nothing); FedDiffuse methods only.
+    payload: Literal["weights", "delta"] = "weights"
+    scales: Literal["channel", "tensor"] = "channel"  # int8/int4: one (lowest, step) per output channel or tensor
+    rounding: Literal["stochastic", "nearest"] = "stochastic"  # int8/int4
+    # delta: each client keeps what its last upload's quantization dropped and adds it to the next one.
+    error_feedback: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in ("int8", "int4")
 
 
 class OutputConfig(_Section):
@@ -372,6 +384,17 @@ def parse_config(run_config: Mapping[str, Any]) -> FedConfig:
         raise ConfigError(
             f"invalid config: diffusion.beta-end = {cfg.diffusion.beta_end!r}: "
             f"must be greater than diffusion.beta-start ({cfg.diffusion.beta_start!r})"
+        )
+    tr = cfg.transport
+    if cfg.strategy.name == "collafuse" and (tr.quantized or tr.payload == "delta"):
+        raise ConfigError(
+            f"invalid config: transport.dtype = {tr.dtype!r} with transport.payload = {tr.payload!r}: CollaFuse "
+            "sends training triples, not model arrays; use float32, float16 or bfloat16 weights"
+        )
+    if tr.error_feedback and tr.payload != "delta":
+        raise ConfigError(
+            "invalid config: transport.error-feedback = true needs transport.payload = \"delta\" "
+            "(the residual is carried into the next update)"
         )
     ev = cfg.eval
     if cfg.diffusion.timesteps % ev.sampler_steps:  # also catches steps > T

@@ -21,7 +21,7 @@ from fedapp.data.share import local_data
 from fedapp.eval.disclosure import audit_upload, similarity
 from fedapp.model.build import build_diffusion
 from fedapp.model.diffusion import Diffusion
-from fedapp.protocol.records import TRANSPORT_DTYPES, decode_array, encode_tensor
+from fedapp.protocol.records import FLOAT_TRANSPORTS, decode_array, encode_tensor
 from fedapp.runs.checkpoint import load_checkpoint
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     result = gradient_variant_audit(model, diffusion, x0, (t_cut, cfg.diffusion.timesteps),
                                     batch_size=cfg.train.batch_size, seed=cfg.seed)
     x_t, t, eps = diffusion.noised(x0, (t_cut, cfg.diffusion.timesteps), torch.Generator().manual_seed(cfg.seed))
-    for dtype in TRANSPORT_DTYPES:  # the solve on what arrives in each dtype
+    for dtype in FLOAT_TRANSPORTS:  # the solve on what arrives in each dtype
         sent = {k: decode_array(encode_tensor(v, dtype)) for k, v in (("x-t", x_t), ("target", eps))}  # type: ignore[arg-type]
         audit = audit_upload(diffusion, sent["x-t"], t, sent["target"], x0)
         result.update({f"{dtype}-{k.removeprefix('audit-')}": v for k, v in audit.items() if "solve" in k})

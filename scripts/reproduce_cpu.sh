@@ -50,7 +50,7 @@ study_run() {
   [ -f "$run/comm.jsonl" ] && cp "$run/comm.jsonl" "$docs/$name/"
   cp "$run"/samples/*.png "$docs/$name/" 2>/dev/null || true  # one evaluation round: its grids only
   cp "$run/label-distribution.png" "$docs/$name/" 2>/dev/null || true
-  if [ "${STUDY_COMMIT:-0}" = 1 ]; then
+  if [ "${STUDY_COMMIT:-0}" = 1 ] && [ -n "$(git -C "$docs/$name" status --porcelain -- .)" ]; then
     git -C "$docs/$name" add . && git -C "$docs/$name" commit -q -m "CPU study: $name finished" -- . \
       || echo "$name: not committed, commit $docs/$name by hand"
   fi

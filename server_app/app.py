@@ -21,7 +21,7 @@ from fedapp.runs.rundir import RUN_DIR_LINE, RunDir
 from server_app.centralized import run_centralized
 from server_app.recorder import RoundRecorder
 from server_app.rounds import NodesMissingError, run_rounds
-from server_app.transport import server_grid
+from server_app.transport import DeltaGrid, server_grid
 from strategies import CollaFuse, build_strategy
 
 app = ServerApp()
@@ -58,18 +58,22 @@ def main(grid: Grid, context: Context) -> None:
         return
     model = build_model(cfg, seed=cfg.seed)
     ledger = CommLedger.from_rows(point.extra["comm"]) if point else CommLedger()
-    strategy_grid, metered = server_grid(grid, ledger, cfg.transport.dtype)
+    strategy_grid, metered = server_grid(grid, ledger, cfg, model)
+    chain = strategy_grid.chain if isinstance(strategy_grid, DeltaGrid) else None
     strategy = build_strategy(cfg)
     state_run = point.state_run if point else context.run_id  # the nodes' state stays under the first run
 
     def server_state() -> dict[str, object]:
-        return {"strategy": strategy.state(), "rng": rng_state(), STATE_RUN: state_run}
+        transport = {"transport": chain.state()} if chain is not None else {}
+        return {"strategy": strategy.state(), "rng": rng_state(), STATE_RUN: state_run, **transport}
 
     recorder = RoundRecorder(cfg, run, model, build_diffusion(cfg), metered, ledger, run_id=state_run,
                              split=strategy if isinstance(strategy, CollaFuse) else None, server_state=server_state)
     if point:
         model.load_state_dict(point.model)
         strategy.restore(point.extra["strategy"])
+        if chain is not None and "transport" in point.extra:
+            chain.restore(point.extra["transport"])
         set_rng_state(point.extra["rng"])
         recorder.restore(point.extra["metrics"])
         recorder.restore_ema(point.ema)

@@ -1,27 +1,38 @@
-"""The wire format of model arrays: narrow floats out, float32 back in before any averaging."""
+"""The wire format of model arrays: narrow floats, 8- or 4-bit codes, or deltas to a shared reference
+out; float32 weights back in before any check or average.
+
+The strategies never see the wire format: they send and receive float32 weights, and this layer
+sits between them and the metering, so the ledger counts what actually travels.
+"""
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Message
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
-from fedapp.config import TransportDtype
+from fedapp.config import FedConfig, TransportConfig
+from fedapp.model.unet import unet_parts
 from fedapp.protocol.comm import CommLedger
-from fedapp.protocol.records import recast_record, record_dtypes
+from fedapp.protocol.delta import RESYNC, ReferenceChain, add_change, quantizer_for
+from fedapp.protocol.keys import ARRAYS, CONFIG, INIT_DIGEST, TRANSPORT, TRANSPORT_BASE, TRANSPORT_VERSION
+from fedapp.protocol.methods import SHARED_PARTS, parts_keys
+from fedapp.protocol.records import ArrayProblem, decode_array, encode_state, recast_record, record_dtypes
 from server_app.grid_wrapper import GridWrapper
 from server_app.metering import MeteredGrid
 
 
 class TransportGrid(GridWrapper):
-    """Casts the ArrayRecords of outgoing messages to ``dtype`` and widens replies to float32.
+    """Casts the ArrayRecords of outgoing messages to ``transport.dtype`` and widens replies to float32.
 
-    It sits between the strategy and the metering, so the strategy averages float32 arrays
-    and the ledger counts what actually travels.
+    Quantized arrays are rounded with a generator seeded by ``seed``, so a run repeats.
     """
 
-    def __init__(self, inner: Grid, dtype: TransportDtype) -> None:
+    def __init__(self, inner: Grid, transport: TransportConfig, seed: int = 0) -> None:
         super().__init__(inner)
-        self.dtype = dtype
+        self.transport, self.dtype = transport, transport.dtype
+        self.generator_seed, self.casts = seed, 0
 
     def outgoing(self, messages: list[Message]) -> list[Message]:
         if self.dtype == "float32":
@@ -31,7 +42,9 @@ class TransportGrid(GridWrapper):
         for msg in messages:
             for key, record in list(msg.content.array_records.items()):
                 if id(record) not in cast:
-                    cast[id(record)] = recast_record(record, self.dtype)
+                    self.casts += 1
+                    quantizer = quantizer_for(self.transport, self.generator_seed * 1_000_003 + self.casts)
+                    cast[id(record)] = recast_record(record, self.dtype, quantizer)
                 msg.content[key] = cast[id(record)]
         return messages
 
@@ -51,7 +64,102 @@ class TransportGrid(GridWrapper):
         return replies
 
 
-def server_grid(grid: Grid, ledger: CommLedger, dtype: TransportDtype) -> tuple[TransportGrid, MeteredGrid]:
-    """(what the strategy talks to, the metering layer below it)."""
+def _error_reply(reply: Message, reason: str) -> Message:
+    """The reply as an error, so the strategy logs ``reason`` and leaves the node out of the round."""
+    return Message(metadata=reply.metadata, error=Error(code=ErrorCode.UNKNOWN, reason=reason))
+
+
+class DeltaGrid(GridWrapper):
+    """``transport.payload = "delta"``: model arrays travel as changes along a ``ReferenceChain``.
+
+    It remembers which version each node holds (0, the seeded initialization, for a node it has
+    not heard from), and counts a node as holding what it was sent only once the node replied.
+    """
+
+    def __init__(self, inner: Grid, transport: TransportConfig, chain: ReferenceChain, seed: int) -> None:
+        super().__init__(inner)
+        self.transport, self.chain, self.seed = transport, chain, seed
+        self.held: dict[int, int] = {}  # node -> version it holds
+        self.sent: dict[int, int] = {}  # node -> version of the message it was last sent
+        self.pending: list[Metadata] = []  # read when replies come: the ids are set when pushed
+        self.destination: dict[str, int] = {}
+
+    def outgoing(self, messages: list[Message]) -> list[Message]:
+        followed: set[tuple[int, ...]] = set()
+        for msg in messages:
+            if ARRAYS not in msg.content.array_records:
+                continue
+            record = msg.content[ARRAYS]
+            missing = [k for k in self.chain.keys if k not in record]
+            if missing:
+                raise ValueError(f"a {msg.metadata.message_type} message lacks shared arrays {missing[:2]}")
+            arrays = tuple(id(record[k]) for k in self.chain.keys)
+            if arrays not in followed:  # one global model per batch of messages: follow it once
+                self.chain.follow({k: decode_array(record[k]) for k in self.chain.keys}, self.transport, self.seed)
+                followed.add(arrays)
+            node = msg.metadata.dst_node_id
+            down, base = self.chain.message(self.held.get(node, 0))
+            config = {**dict(msg.content.config_records.get(CONFIG, ConfigRecord())),
+                      TRANSPORT_VERSION: self.chain.version, TRANSPORT_BASE: base}
+            if base == 0:
+                config[INIT_DIGEST] = self.chain.init_digest
+            content = RecordDict({ARRAYS: down, CONFIG: ConfigRecord(config)})  # type: ignore[arg-type]
+            for name, other in msg.content.items():
+                if name not in content:
+                    content[name] = other
+            msg.content = content
+            self.sent[node] = self.chain.version
+        self.pending += [msg.metadata for msg in messages]
+        return messages
+
+    def _node(self, reply: Message) -> int:
+        if reply.metadata.src_node_id != SUPERLINK_NODE_ID:
+            return reply.metadata.src_node_id
+        return self.destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def incoming(self, replies: list[Message]) -> list[Message]:
+        self.destination.update({meta.message_id: meta.dst_node_id for meta in self.pending})
+        self.pending.clear()
+        out = []
+        for reply in replies:
+            node = self._node(reply)
+            if reply.has_error():
+                self.held[node] = RESYNC  # it may hold anything now: the next message carries a version whole
+                out.append(reply)
+                continue
+            if node in self.sent:
+                self.held[node] = self.sent[node]
+            out.append(self._weights(reply))
+        return out
+
+    def _weights(self, reply: Message) -> Message:
+        """A train reply's update added back to the version it is on: float32 weights, as sent before."""
+        content = reply.content
+        if ARRAYS not in content.array_records:
+            return reply
+        stated = content.config_records.get(TRANSPORT, ConfigRecord()).get(TRANSPORT_BASE)
+        if stated != self.chain.version:
+            return _error_reply(reply, f"its update is on transport version {stated!r}, the server's is "
+                                       f"{self.chain.version} (a delta payload needs both ends on one chain)")
+        try:
+            weights = add_change(self.chain.reference, content[ARRAYS])
+        except ArrayProblem as err:
+            return _error_reply(reply, f"dropped: {err}")
+        content[ARRAYS] = encode_state(weights)
+        del content[TRANSPORT]
+        return reply
+
+
+def shared_keys(cfg: FedConfig, model: torch.nn.Module) -> list[str]:
+    """The arrays a FedDiffuse method sends every round (its reference chain's arrays)."""
+    return parts_keys(SHARED_PARTS[cfg.strategy.name], unet_parts(model))
+
+
+def server_grid(grid: Grid, ledger: CommLedger, cfg: FedConfig,
+                init: torch.nn.Module) -> tuple[TransportGrid | DeltaGrid, MeteredGrid]:
+    """(what the strategy talks to, the metering layer below it); ``init`` is the seeded initial model."""
     metered = MeteredGrid(grid, ledger)
-    return TransportGrid(metered, dtype), metered
+    if cfg.transport.payload == "delta" and cfg.strategy.name in SHARED_PARTS:
+        chain = ReferenceChain.start(init.state_dict(), shared_keys(cfg, init))
+        return DeltaGrid(metered, cfg.transport, chain, cfg.seed), metered
+    return TransportGrid(metered, cfg.transport, cfg.seed), metered

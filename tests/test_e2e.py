@@ -15,8 +15,11 @@ from fedapp.config import parse_config
 from fedapp.deploy.simulation import flwr_home, flwr_run
 from fedapp.model.unet import part_sizes
 from fedapp.protocol.methods import private_parts, round_cost
+from fedapp.protocol.quantize import payload_bytes
 from fedapp.runs.checkpoint import load_checkpoint
+from fedapp.runs.node_state import RESIDUAL
 from fedapp.runs.rundir import read_jsonl
+from server_app.transport import shared_keys
 from tests.support.markers import needs_fmnist
 
 pytestmark = [
@@ -158,6 +161,31 @@ def test_centralized_baseline_then_the_report_over_every_run(shared_flwr) -> Non
     assert "centralized (baseline)" in text and "FD-CNN" in text and "42.53" in text
     for png in ("samples.png", "communication.png", "quality-fd-cnn.png"):
         assert (out / png).stat().st_size > 0
+
+
+def test_four_bit_delta_updates_run_end_to_end(shared_flwr) -> None:  # type: ignore[no-untyped-def]
+    """UDec with 4-bit deltas and error feedback through Flower: the first download costs no arrays,
+    every upload is the analytic size, and the residuals stay on the nodes' disks."""
+    tmp, env = shared_flwr
+    runs, nodes = tmp / "runs", tmp / "nodes-int4"
+    config = {**TINY, "strategy.name": "udec", "output.dir": str(runs), "output.name": "int4",
+              "train.node-state-dir": str(nodes), "eval.stats-dir": str(tmp / "stats"),
+              "transport.dtype": "int4", "transport.payload": "delta", "transport.error-feedback": True}
+    done = flwr_run(env, config, 2, timeout=600)
+    run = runs / "int4"
+    assert (run / "final.pt").is_file(), (done.stdout + done.stderr)[-4000:]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    model, cfg, payload = load_checkpoint(run / "final.pt", sampling=False)
+    assert cfg.transport.dtype == "int4" and all(torch.isfinite(p).all() for p in model.parameters())
+    state = model.state_dict()
+    upload = sum(payload_bytes(tuple(state[k].shape), "int4", True) for k in shared_keys(cfg, model))
+    first, second = (r["comm"]["train"]["round"] for r in rows)
+    assert first["down_bytes"] == 0 and first["up_bytes"] == second["up_bytes"] == 2 * upload
+    assert payload["extra"]["transport"]["version"] >= 1
+    residuals = sorted(nodes.rglob(f"{RESIDUAL}*.pt"))
+    assert len(residuals) >= 2, f"no error-feedback residuals under {nodes}"
+    assert rows[-1]["quality"]["clients"] == 2 and rows[-1]["quality"]["fd-cnn"] > 0
 
 
 def test_collafuse_runs_end_to_end(shared_flwr) -> None:  # type: ignore[no-untyped-def]

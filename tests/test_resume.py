@@ -11,7 +11,7 @@ import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from fedapp.runs.checkpoint import load_checkpoint
-from fedapp.runs.node_state import OPTIMIZER, load_node_model, load_node_round
+from fedapp.runs.node_state import OPTIMIZER, RESIDUAL, load_node_model, load_node_round
 from fedapp.runs.rundir import read_jsonl
 from server_app.app import main as server_main
 from tests.support.inprocess import RUN_ID, InProcessRun, tiny_config
@@ -50,9 +50,15 @@ def digests(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("method", ["usplit", "udec", "collafuse"])
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, method: str) -> None:
-    overrides = {"strategy.name": method, "collafuse.cut-ratio": 0.5, "collafuse.audit-samples": 0}
+FOUR_BIT_DELTA = {"transport.dtype": "int4", "transport.payload": "delta", "transport.error-feedback": True}
+
+
+@pytest.mark.parametrize(("method", "transport"), [("usplit", {}), ("udec", {}), ("collafuse", {}),
+                                                   ("udec", FOUR_BIT_DELTA)], ids=["usplit", "udec", "collafuse",
+                                                                                   "udec-int4-delta"])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, method: str,
+                                                          transport: dict[str, object]) -> None:
+    overrides = {"strategy.name": method, "collafuse.cut-ratio": 0.5, "collafuse.audit-samples": 0, **transport}
     whole = serve(tmp_path / "whole", overrides)
     run = tmp_path / "cut" / "runs" / "run"
     with pytest.raises(Killed):
@@ -104,6 +110,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path, method
         ema, reference_ema = mine["ema"], theirs["ema"]  # type: ignore[index]
         assert ema["steps"] == reference_ema["steps"] > 0  # type: ignore[index]
         assert all(torch.equal(v, reference_ema["weights"][k]) for k, v in ema["weights"].items())  # type: ignore[index]
+    if transport:  # the error feedback each node carries came through too, from its disk
+        for node in NODES:
+            mine_residual = load_node_round(resumed.state_dir(node, run_id=RUN_ID), RESIDUAL)
+            theirs_residual = load_node_round(whole.state_dir(node), RESIDUAL)
+            assert mine_residual is not None and theirs_residual is not None and mine_residual["round"] == 4
+            assert all(torch.equal(v, theirs_residual["arrays"][k])  # type: ignore[index]
+                       for k, v in mine_residual["arrays"].items())  # type: ignore[union-attr]
     if method == "usplit":  # the task generator resumed too: rounds 3 and 4 drew the same tasks
         def tasks(clients: InProcessRun, rounds: set[int]) -> list[tuple[int, int, str]]:
             return [(int(m.content["config"]["server-round"]), m.metadata.dst_node_id,

@@ -9,17 +9,19 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedapp.config import TransportConfig
 from fedapp.model.unet import UNet
 from fedapp.protocol.comm import CommLedger
 from fedapp.protocol.records import (
-    TRANSPORT_DTYPES,
+    FLOAT_TRANSPORTS,
     decode_record,
     encode_state,
     load_record,
     model_to_record,
     record_dtypes,
 )
-from server_app.transport import server_grid
+from server_app.metering import MeteredGrid
+from server_app.transport import TransportGrid
 from strategies import Full
 from tests.support.inprocess import run_inprocess
 from tests.support.markers import needs_fmnist
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 CAST = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@pytest.mark.parametrize("dtype", TRANSPORT_DTYPES)
+@pytest.mark.parametrize("dtype", FLOAT_TRANSPORTS)
 def test_round_trip_equals_one_cast_and_comes_back_float32(dtype: str) -> None:
     torch.manual_seed(0)
     state = {"w": torch.randn(3, 5) * 10, "b": torch.randn(7), "steps": torch.arange(4)}
@@ -72,7 +74,7 @@ def test_the_server_sends_float16_and_averages_in_float32() -> None:
     assert float(np.float16(1.0 + 2**-11)) != 1.0 + 2**-11
     initial = ArrayRecord({"w": Array(np.zeros((2, 3), dtype=np.float32))})
     ledger = CommLedger()
-    grid, _ = server_grid(FakeGrid(values, _half_client(values)), ledger, "float16")
+    grid = TransportGrid(MeteredGrid(FakeGrid(values, _half_client(values)), ledger), TransportConfig(dtype="float16"))
     result = Full(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0).start(
         grid=grid, initial_arrays=initial, num_rounds=1)
     final = result.arrays["w"]
@@ -93,7 +95,7 @@ def test_float32_transport_leaves_messages_alone() -> None:
         return Message(content, reply_to=msg)
 
     initial = ArrayRecord({"w": Array(np.ones(4, dtype=np.float32))})
-    grid, _ = server_grid(FakeGrid([1, 2], respond), CommLedger(), "float32")
+    grid = TransportGrid(MeteredGrid(FakeGrid([1, 2], respond), CommLedger()), TransportConfig())
     result = Full(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0).start(
         grid=grid, initial_arrays=initial, num_rounds=1)
     assert seen == [{"float32"}, {"float32"}]

@@ -1,6 +1,6 @@
 """Bad updates are dropped before averaging, in Full and in the part-wise strategies (UDec here).
 
-Each test injects the same seven faults beside two good replies and checks that the new
+Each test injects the same faults beside two good replies and checks that the new
 global model is finite and equal to the example-weighted average of the good replies alone.
 """
 
@@ -12,6 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from fedapp.model.unet import UNet, unet_parts
+from fedapp.protocol.quantize import Quantizer, quantize
 from fedapp.protocol.records import model_to_record
 from strategies import Full
 from strategies.partial import UDec
@@ -58,7 +59,21 @@ def _faults(base: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray
         ("unknown stype", changed(first, Array("float32", base[first].shape, "pickle", Array(base[first]).data)), 10),
         ("garbage bytes", changed(first, Array("float32", base[first].shape, "numpy.ndarray", b"\x93NUMPY garbage")), 10),
         ("short bfloat16 data", changed(first, Array("bfloat16", base[first].shape, "fedapp.raw-bfloat16", b"\0\0")), 10),
+        # quantized payloads (transport.dtype int8 / int4)
+        ("short int8 data", changed(big, _quantized(base[big], "int8", cut=1)), 10),
+        ("NaN int4 scale", changed(big, _quantized(base[big], "int4", scale=float("nan"))), 10),
+        ("zero int8 step", changed(big, _quantized(base[big], "int8", scale=0.0)), 10),
     ]
+
+
+def _quantized(values: np.ndarray, dtype: str, cut: int = 0, scale: float | None = None) -> Array:
+    """``values`` quantized, then ``cut`` bytes short or with its first channel's step set to ``scale``."""
+    good = quantize(torch.from_numpy(values), Quantizer(dtype, stochastic=False))  # type: ignore[arg-type]
+    data = bytearray(good.data[:len(good.data) - cut])
+    if scale is not None:
+        channels = values.shape[0]
+        data[4 * channels:4 * channels + 4] = np.float32(scale).tobytes()
+    return Array(good.dtype, tuple(good.shape), good.stype, bytes(data))
 
 
 def _lying(claimed: np.ndarray, held: np.ndarray) -> Array:

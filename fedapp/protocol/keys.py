@@ -14,6 +14,7 @@ CONFIG = "config"  # the server's ConfigRecord
 UPLOAD = "upload"  # CollaFuse: a client's training triples
 SPLIT = "split"  # CollaFuse: x_{t_c} to finish, and the server's reconstruction for the audit
 SAMPLES = "samples"  # CollaFuse: the client's finished images
+TRANSPORT = "transport"  # delta payload: a reply's ConfigRecord naming the version its update is on
 
 # ---------------------------------------------------------------- keys of the server's config
 SERVER_ROUND = "server-round"
@@ -22,6 +23,9 @@ STATE_RUN = "state-run"  # the run id whose node state a (resumed) run continues
 T_CUT = "t-c"  # CollaFuse's cut; both sides check they derived the same one
 SAMPLE_SEED = "sample-seed"
 AUDIT_ROUND = "audit-round"
+TRANSPORT_VERSION = "transport-version"  # delta payload: the reference version the arrays make
+TRANSPORT_BASE = "transport-base"  # ... the version they apply to (-1: they are that version, whole)
+INIT_DIGEST = "init-digest"  # ... version 0's fingerprint, for the node's seeded rebuild
 
 # ---------------------------------------------------------------- array keys
 X_CUT = "x-cut"
@@ -50,6 +54,11 @@ def train_seed(seed: int, server_round: int, partition_id: int = 0) -> int:
 def server_train_seed(seed: int, server_round: int) -> int:
     """CollaFuse's server training on what it received in one round."""
     return seed * 1_000_003 + server_round
+
+
+def upload_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The stochastic rounding of a client's quantized upload in one round."""
+    return train_seed(seed, server_round, partition_id) + 500_009
 
 
 def eval_seed(seed: int, partition_id: int) -> int:

@@ -1,6 +1,7 @@
 """Conversion between models and Flower records, the transport dtype, and what a record weighs.
 
-Arrays may travel in a narrower float type than the model trains in (``transport.dtype``).
+Arrays may travel in a narrower type than the model trains in (``transport.dtype``): a
+narrower float, or 8- or 4-bit codes with their scales (``fedapp.protocol.quantize``).
 Whoever receives them widens them to float32 before training or averaging, so precision is
 lost once per hop and never accumulates. numpy has no bfloat16, so bfloat16 arrays travel
 as their raw bytes under a stype of our own; only :func:`decode_record` reads them.
@@ -22,17 +23,24 @@ from torch import nn
 from fedapp.config import TransportDtype
 from fedapp.files import one_line
 from fedapp.protocol.keys import UPLOAD_KEYS
+from fedapp.protocol.quantize import BITS, STYPES, Quantizer, QuantProblem, decode_quantized, quantize
 from fedapp.train.collafuse import Upload
 
 TRANSPORT_DTYPES: tuple[str, ...] = get_args(TransportDtype)
+FLOAT_TRANSPORTS: tuple[str, ...] = tuple(d for d in TRANSPORT_DTYPES if d not in BITS)  # CollaFuse: these only
 RAW_BF16 = "fedapp.raw-bfloat16"  # Array.stype of a bfloat16 array sent as its bytes
 
 
-def encode_tensor(tensor: torch.Tensor, dtype: TransportDtype = "float32") -> Array:
-    """One tensor as a Flower Array; floating tensors are cast to ``dtype``."""
+def encode_tensor(tensor: torch.Tensor, dtype: TransportDtype = "float32", quantizer: Quantizer | None = None) -> Array:
+    """One tensor as a Flower Array; floating tensors are cast to ``dtype`` (quantized by ``quantizer``
+    for ``int8`` / ``int4``, which then must be given)."""
     tensor = tensor.detach().cpu()
     if not tensor.is_floating_point():
         return Array(tensor.contiguous())
+    if dtype in BITS:
+        if quantizer is None or quantizer.dtype != dtype:
+            raise ValueError(f"transport dtype {dtype} needs a Quantizer of that dtype")
+        return quantize(tensor, quantizer)
     if dtype == "bfloat16":
         raw = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
         return Array("bfloat16", tuple(tensor.shape), RAW_BF16, raw)
@@ -66,10 +74,16 @@ def decode_checked(array: object, shape: tuple[int, ...] | None = None, *, float
         raise ArrayProblem(f"not a readable array ({one_line(err, with_type=True)})") from None
     if shape is not None and claimed != tuple(shape):
         raise ArrayProblem(f"shape {claimed}, expected {tuple(shape)}")
-    if floats and dtype not in FLOAT_DTYPES:
+    quantized = stype in STYPES or (floats and dtype in BITS)
+    if floats and dtype not in FLOAT_DTYPES and not quantized:
         raise ArrayProblem(f"dtype {dtype}, expected one of {', '.join(FLOAT_DTYPES)}")
     if any(d < 0 for d in claimed):
         raise ArrayProblem(f"negative dimension in shape {claimed}")
+    if quantized:
+        try:
+            return decode_quantized(dtype, claimed, stype, data)
+        except QuantProblem as err:
+            raise ArrayProblem(str(err)) from None
     if stype == RAW_BF16:
         count = math.prod(claimed)
         if dtype != "bfloat16" or len(data) != 2 * count:
@@ -99,17 +113,18 @@ def decode_checked(array: object, shape: tuple[int, ...] | None = None, *, float
     return tensor
 
 
-def encode_state(state: Mapping[str, torch.Tensor], dtype: TransportDtype = "float32") -> ArrayRecord:
-    return ArrayRecord({k: encode_tensor(v, dtype) for k, v in state.items()})
+def encode_state(state: Mapping[str, torch.Tensor], dtype: TransportDtype = "float32",
+                 quantizer: Quantizer | None = None) -> ArrayRecord:
+    return ArrayRecord({k: encode_tensor(v, dtype, quantizer) for k, v in state.items()})
 
 
 def decode_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: decode_array(v) for k, v in record.items()}
 
 
-def recast_record(record: ArrayRecord, dtype: TransportDtype) -> ArrayRecord:
+def recast_record(record: ArrayRecord, dtype: TransportDtype, quantizer: Quantizer | None = None) -> ArrayRecord:
     """The record in another transport dtype (float32 decodes a narrow record for averaging)."""
-    return encode_state(decode_record(record), dtype)
+    return encode_state(decode_record(record), dtype, quantizer)
 
 
 def record_dtypes(record: ArrayRecord) -> set[str]:
@@ -117,12 +132,12 @@ def record_dtypes(record: ArrayRecord) -> set[str]:
 
 
 def model_to_record(model: nn.Module, keys: Iterable[str] | None = None,
-                    dtype: TransportDtype = "float32") -> ArrayRecord:
+                    dtype: TransportDtype = "float32", quantizer: Quantizer | None = None) -> ArrayRecord:
     """The model's state (or only ``keys`` of it) as an ArrayRecord with the torch names."""
     state = model.state_dict()
     if keys is not None:
         state = {k: state[k] for k in keys}
-    return encode_state(state, dtype)
+    return encode_state(state, dtype, quantizer)
 
 
 def load_record(model: nn.Module, record: ArrayRecord, strict: bool = True) -> None:

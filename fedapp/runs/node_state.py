@@ -9,8 +9,10 @@ and by the run a resumed run continues (the server names it), so a resume does t
 Two of each kind are kept, the newest and the one before, because a server that resumes
 from round R may meet nodes that already trained round R+1: each round starts from the
 newest state of an earlier round, so the resumed round repeats exactly what the lost one
-did. The kinds: ``model`` (the own model, and its EMA when the recipe keeps one) and
-``optimizer`` (the client's Adam state when ``train.optimizer-state = "persist"``).
+did. The kinds: ``model`` (the own model, and its EMA when the recipe keeps one),
+``optimizer`` (the client's Adam state when ``train.optimizer-state = "persist"``), and with
+``transport.payload = "delta"`` the ``transport-reference`` (by version, not round) and the
+``transport-residual`` (error feedback).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from fedapp.files import atomic_torch_save
 STATE_DIR_ENV = "FEDAPP_NODE_STATE_DIR"
 MODEL = "model"
 OPTIMIZER = "optimizer"
+REFERENCE = "transport-reference"  # its "round" is the reference version
+RESIDUAL = "transport-residual"
 MODEL_FILE = f"{MODEL}.pt"
 
 

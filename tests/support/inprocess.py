@@ -67,7 +67,9 @@ class InProcessRun:
     def start(self, initial: ArrayRecord | None = None) -> tuple[ArrayRecord, ArrayRecord]:
         """(initial global arrays, final global arrays); the seeded initialization by default."""
         initial = initial or model_to_record(build_model(self.cfg, seed=self.cfg.seed))
-        grid, _ = server_grid(FakeGrid(self.node_ids, self.respond), self.ledger, self.cfg.transport.dtype)
+        grid, _ = server_grid(FakeGrid(self.node_ids, self.respond), self.ledger, self.cfg,
+                              build_model(self.cfg, seed=self.cfg.seed))
+        self.grid = grid
         self.strategy = build_strategy(self.cfg)
         result = self.strategy.start(grid=grid, initial_arrays=initial, num_rounds=self.cfg.train.rounds)
         self.result = result
