@@ -73,9 +73,10 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
     device = pick_device(cfg.train.device)
     report = report_parts(msg.content[CONFIG])
-    model, directory, saved = personal_model(cfg, msg, context, pid, upto=server_round - 1)
+    local = personal_model(cfg, msg, context, pid, upto=server_round - 1)
+    model, directory = local.model, local.directory
     personal = is_personalized(cfg.strategy.name)
-    optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=personal, own=saved)
+    optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=personal, own=local.saved)
     report_keys = parts_keys(report, unet_parts(model))
     result = train_local(
         model,
@@ -106,8 +107,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     save_trained(cfg, directory, model, result, ema, pid, server_round, own_model=personal)
-    reply = upload(cfg, msg, model, report_keys, directory, pid, server_round,
-                   seed=upload_seed(cfg.seed, server_round, pid))
+    reply = upload(cfg, msg, local, report_keys, pid, server_round, seed=upload_seed(cfg.seed, server_round, pid))
     reply[METRICS] = metrics
     return Message(reply, reply_to=msg)
 
@@ -117,7 +117,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, pid, _, data = node_job(context)
     device = pick_device(cfg.train.device)
     server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0))  # type: ignore[call-overload]
-    model, _, _ = personal_model(cfg, msg, context, pid, upto=server_round or None, sampling=True)
+    model = personal_model(cfg, msg, context, pid, upto=server_round or None, sampling=True).model
     cap = cfg.eval.max_val_examples or len(data.val)
     images = data.val.images[:cap]
     loss = denoising_loss(
@@ -143,8 +143,9 @@ def collafuse_train(msg: Message, context: Context) -> Message:
     cfg, pid, num, data = node_job(context)
     t_cut = cut(cfg, msg)
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
-    model, directory, saved = own_model(cfg, msg, context, pid, upto=server_round - 1)
-    optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=True, own=saved)
+    local = own_model(cfg, msg, context, pid, upto=server_round - 1)
+    model, directory = local.model, local.directory
+    optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=True, own=local.saved)
     diffusion = build_diffusion(cfg)
     done, upload = client_round(
         model, diffusion, data.train.images, t_cut,
@@ -183,8 +184,9 @@ def collafuse_evaluate(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     device = pick_device(cfg.train.device)
     server_round = int(config.get(SERVER_ROUND, 0))  # type: ignore[call-overload]
-    model, directory, saved = own_model(cfg, msg, context, pid, upto=server_round or None, sampling=True)
-    if t_cut > 0 and saved is None:
+    local = own_model(cfg, msg, context, pid, upto=server_round or None, sampling=True)
+    model, directory = local.model, local.directory
+    if t_cut > 0 and local.saved is None:
         raise RuntimeError(f"node {context.node_id} owns t < {t_cut} but has no model of its own in {directory} yet")
     diffusion = build_diffusion(cfg)
     images = data.val.images[: cfg.eval.max_val_examples or len(data.val)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,10 +36,11 @@ from fedapp.protocol.keys import (
     TRANSPORT_BASE,
     TRANSPORT_VERSION,
 )
-from fedapp.protocol.methods import ALL_PARTS, SHARED_PARTS, parts_keys, private_parts
+from fedapp.protocol.methods import ALL_PARTS, parts_keys, private_parts, shared_keys
 from fedapp.protocol.records import (
     ArrayProblem,
     decode_array,
+    decode_checked,
     encode_state,
     load_record,
     model_to_record,
@@ -116,8 +118,18 @@ def inject_fault(cfg: FedConfig, pid: int, server_round: int) -> None:
         raise RuntimeError(f"injected fault: partition {pid} crashes in round {server_round} (faults.crash)")
 
 
+@dataclass
+class LocalModel:
+    """The model a handler works on, with where it came from."""
+
+    model: UNet
+    directory: Path  # this node's state folder
+    saved: dict[str, object] | None  # the saved payload its own parts came from (None: none yet)
+    reference: dict[str, torch.Tensor] | None = None  # delta payload: the shared arrays' version it started from
+
+
 def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
-                   upto: int | None = None, sampling: bool = False) -> tuple[UNet, Path, dict[str, object] | None]:
+                   upto: int | None = None, sampling: bool = False) -> LocalModel:
     """The global arrays received, with this node's own saved parts where it keeps private ones.
 
     Once a node has trained, its private parts come from its disk even if the server sends
@@ -125,11 +137,10 @@ def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
     reset to the server's copy. ``upto``: the newest saved round it may start from.
     ``sampling``: a personal model's EMA, where it keeps one, replaces the whole model (it
     averages the model this client trained, the received shared parts included).
-    Returns the model, the node's state folder and the saved payload it read (None if none).
     """
     model = build_model(cfg)
     directory = state_dir(cfg, msg, context, pid)
-    incoming = received_arrays(cfg, msg, directory, pid)
+    incoming, reference = received_arrays(cfg, msg, directory, pid)
     own = set(model.state_dict())
     missing = own - set(incoming.keys())
     keep = set(parts_keys(private_parts(cfg.strategy.name), unet_parts(model)))
@@ -145,33 +156,49 @@ def personal_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
     elif saved is not None:
         take = missing | keep
         model.load_state_dict({k: v for k, v in saved["model"].items() if k in take}, strict=False)
-    return model, directory, saved
+    return LocalModel(model, directory, saved, reference)
 
 
 # ------------------------------------------------------------------------------------ transport
-def received_arrays(cfg: FedConfig, msg: Message, directory: Path, pid: int) -> ArrayRecord:
-    """The model arrays the server means: as sent, or, with a delta payload, the seeded initialization
-    with the shared arrays of the reference version the message makes (kept on disk for the next one)."""
+def received_arrays(cfg: FedConfig, msg: Message, directory: Path,
+                    pid: int) -> tuple[ArrayRecord, dict[str, torch.Tensor] | None]:
+    """(the model arrays the server means, the reference version they make: delta payload only).
+
+    As sent, or, with a delta payload, the seeded initialization with the shared arrays of the
+    reference version the message makes (kept on disk for the next one) and any other array the
+    message carries whole (private parts from a checkpoint, on a node's first round).
+    """
     if cfg.transport.payload != "delta":
-        return msg.content[ARRAYS]
+        return msg.content[ARRAYS], None
     config = msg.content[CONFIG]
     version, base = int(config[TRANSPORT_VERSION]), int(config[TRANSPORT_BASE])  # type: ignore[call-overload]
     init = build_model(cfg, seed=cfg.seed).state_dict()
-    keys = parts_keys(SHARED_PARTS[cfg.strategy.name], unet_parts(init))
+    keys = shared_keys(cfg.strategy.name, unet_parts(init))
     record = msg.content.array_records.get(ARRAYS, ArrayRecord())
+    change = ArrayRecord({k: record[k] for k in record.keys() if k in keys})
     try:
+        whole = {k: _whole(record, k, init) for k in record.keys() if k not in keys}
         if base == RESYNC:
-            if set(record.keys()) != set(keys):
-                raise ArrayProblem(f"a whole version holds {len(record)} arrays, the method shares {len(keys)}")
-            reference = add_change({k: torch.zeros_like(init[k]) for k in keys}, record)
+            if set(change.keys()) != set(keys):
+                raise ArrayProblem(f"a whole version holds {len(change)} arrays, the method shares {len(keys)}")
+            reference = add_change({k: torch.zeros_like(init[k]) for k in keys}, change)
         else:
             held = held_reference(directory, base, init, keys, str(config.get(INIT_DIGEST, "")))
-            reference = held if base == version else {**held, **add_change(held, record)}
+            reference = held if base == version else {**held, **add_change(held, change)}
     except ArrayProblem as err:
         raise ValueError(f"transport version {version} from the server does not decode: {err}") from None
     if base != version:
         save_node_round(directory, REFERENCE, {"arrays": reference}, pid, version)
-    return encode_state({**init, **reference})
+    return encode_state({**init, **whole, **reference}), reference
+
+
+def _whole(record: ArrayRecord, key: str, init: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if key not in init:
+        raise ArrayProblem(f"array {key!r} is not one the model has")
+    try:
+        return decode_checked(record[key], tuple(init[key].shape))
+    except ArrayProblem as err:
+        raise ArrayProblem(f"array {key!r}: {err}") from None
 
 
 def held_reference(directory: Path, version: int, init: Mapping[str, torch.Tensor], keys: list[str],
@@ -190,19 +217,19 @@ def held_reference(directory: Path, version: int, init: Mapping[str, torch.Tenso
                        f"holds in {directory}; the next message will carry a version whole")
 
 
-def upload(cfg: FedConfig, msg: Message, model: UNet, keys: list[str], directory: Path, pid: int,
-           server_round: int, seed: int) -> RecordDict:
+def upload(cfg: FedConfig, msg: Message, local: LocalModel, keys: list[str], pid: int, server_round: int,
+           seed: int) -> RecordDict:
     """A train reply's arrays: the reported weights, or with a delta payload their change to the
     reference this round started from (plus the carried residual, whose new value stays on disk)."""
-    transport = cfg.transport
+    transport, directory = cfg.transport, local.directory
     if transport.payload != "delta":
-        return RecordDict({ARRAYS: model_to_record(model, keys, transport.dtype, quantizer_for(transport, seed))})
+        return RecordDict({ARRAYS: model_to_record(local.model, keys, transport.dtype, quantizer_for(transport, seed))})
+    if local.reference is None:
+        raise RuntimeError("a delta upload needs the reference its round started from")
     version = int(msg.content[CONFIG][TRANSPORT_VERSION])  # type: ignore[call-overload]
-    init = build_model(cfg, seed=cfg.seed).state_dict()
-    reference = held_reference(directory, version, init, parts_keys(SHARED_PARTS[cfg.strategy.name],
-                                                                    unet_parts(init)), "")
     carried = load_node_round(directory, RESIDUAL, server_round - 1) if transport.error_feedback else None
-    record, residual = client_update(model.state_dict(), reference, carried["arrays"] if carried else None,  # type: ignore[arg-type]
+    record, residual = client_update(local.model.state_dict(), local.reference,
+                                     carried["arrays"] if carried else None,  # type: ignore[arg-type]
                                      keys, transport, seed)
     if transport.error_feedback:
         save_node_round(directory, RESIDUAL, {"arrays": residual}, pid, server_round)
@@ -260,17 +287,17 @@ def cut(cfg: FedConfig, msg: Message) -> int:
 
 
 def own_model(cfg: FedConfig, msg: Message, context: Context, pid: int,
-              upto: int | None, sampling: bool = False) -> tuple[UNet, Path, dict[str, object] | None]:
+              upto: int | None, sampling: bool = False) -> LocalModel:
     """This client's private denoiser from its disk (the seeded initialization before its first round).
 
-    ``sampling``: its EMA weights where it keeps an EMA. Returns the saved payload too (None: not trained yet).
+    ``sampling``: its EMA weights where it keeps an EMA.
     """
     directory = state_dir(cfg, msg, context, pid)
     model = build_model(cfg, seed=cfg.seed)
     saved = load_node_model(directory, upto)
     if saved is not None:
         model.load_state_dict(sampling_weights(saved) if sampling else saved["model"])  # type: ignore[arg-type]
-    return model, directory, saved
+    return LocalModel(model, directory, saved)
 
 
 def audit_denoiser(directory: Path, arrays: ArrayRecord, audit_round: int) -> dict[str, float]:

@@ -7,6 +7,8 @@ sits between them and the metering, so the ledger counts what actually travels.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -15,9 +17,9 @@ from flwr.serverapp import Grid
 from fedapp.config import FedConfig, TransportConfig
 from fedapp.model.unet import unet_parts
 from fedapp.protocol.comm import CommLedger
-from fedapp.protocol.delta import RESYNC, ReferenceChain, add_change, quantizer_for
+from fedapp.protocol.delta import RESYNC, ReferenceChain, add_change, quantizer_for, state_digest
 from fedapp.protocol.keys import ARRAYS, CONFIG, INIT_DIGEST, TRANSPORT, TRANSPORT_BASE, TRANSPORT_VERSION
-from fedapp.protocol.methods import SHARED_PARTS, parts_keys
+from fedapp.protocol.methods import SHARED_PARTS, shared_keys
 from fedapp.protocol.records import ArrayProblem, decode_array, encode_state, recast_record, record_dtypes
 from server_app.grid_wrapper import GridWrapper
 from server_app.metering import MeteredGrid
@@ -74,11 +76,16 @@ class DeltaGrid(GridWrapper):
 
     It remembers which version each node holds (0, the seeded initialization, for a node it has
     not heard from), and counts a node as holding what it was sent only once the node replied.
+    Arrays outside the chain (a personalized node's private parts, sent on its first round) travel
+    whole, as the strategy sent them, unless they are the seeded initialization ``init``, which
+    the node rebuilds: a run from a checkpoint starts every node's private parts from it.
     """
 
-    def __init__(self, inner: Grid, transport: TransportConfig, chain: ReferenceChain, seed: int) -> None:
+    def __init__(self, inner: Grid, transport: TransportConfig, chain: ReferenceChain, seed: int,
+                 init: Mapping[str, torch.Tensor]) -> None:
         super().__init__(inner)
         self.transport, self.chain, self.seed = transport, chain, seed
+        self.init = {k: v for k, v in init.items() if k not in chain.keys}
         self.held: dict[int, int] = {}  # node -> version it holds
         self.sent: dict[int, int] = {}  # node -> version of the message it was last sent
         self.pending: list[Metadata] = []  # read when replies come: the ids are set when pushed
@@ -99,6 +106,7 @@ class DeltaGrid(GridWrapper):
                 followed.add(arrays)
             node = msg.metadata.dst_node_id
             down, base = self.chain.message(self.held.get(node, 0))
+            down = self._with_private(down, record)
             config = {**dict(msg.content.config_records.get(CONFIG, ConfigRecord())),
                       TRANSPORT_VERSION: self.chain.version, TRANSPORT_BASE: base}
             if base == 0:
@@ -111,6 +119,19 @@ class DeltaGrid(GridWrapper):
             self.sent[node] = self.chain.version
         self.pending += [msg.metadata for msg in messages]
         return messages
+
+    def _with_private(self, down: ArrayRecord, record: ArrayRecord) -> ArrayRecord:
+        """``down`` plus the arrays of ``record`` outside the chain, whole, unless they are the seeded ones."""
+        other = [k for k in record.keys() if k not in self.chain.keys]
+        if not other:
+            return down
+        unknown = [k for k in other if k not in self.init]
+        if unknown:
+            raise ValueError(f"a message carries arrays the model does not have: {unknown[:2]}")
+        sent = {k: decode_array(record[k]) for k in other}
+        if state_digest(sent, other) == state_digest(self.init, other):
+            return down
+        return ArrayRecord({**dict(down.items()), **{k: record[k] for k in other}})
 
     def _node(self, reply: Message) -> int:
         if reply.metadata.src_node_id != SUPERLINK_NODE_ID:
@@ -150,16 +171,12 @@ class DeltaGrid(GridWrapper):
         return reply
 
 
-def shared_keys(cfg: FedConfig, model: torch.nn.Module) -> list[str]:
-    """The arrays a FedDiffuse method sends every round (its reference chain's arrays)."""
-    return parts_keys(SHARED_PARTS[cfg.strategy.name], unet_parts(model))
-
-
 def server_grid(grid: Grid, ledger: CommLedger, cfg: FedConfig,
                 init: torch.nn.Module) -> tuple[TransportGrid | DeltaGrid, MeteredGrid]:
     """(what the strategy talks to, the metering layer below it); ``init`` is the seeded initial model."""
     metered = MeteredGrid(grid, ledger)
     if cfg.transport.payload == "delta" and cfg.strategy.name in SHARED_PARTS:
-        chain = ReferenceChain.start(init.state_dict(), shared_keys(cfg, init))
-        return DeltaGrid(metered, cfg.transport, chain, cfg.seed), metered
+        state = init.state_dict()
+        chain = ReferenceChain.start(state, shared_keys(cfg.strategy.name, unet_parts(state)))
+        return DeltaGrid(metered, cfg.transport, chain, cfg.seed, state), metered
     return TransportGrid(metered, cfg.transport, cfg.seed), metered

@@ -13,13 +13,12 @@ import torch
 
 from fedapp.config import parse_config
 from fedapp.deploy.simulation import flwr_home, flwr_run
-from fedapp.model.unet import part_sizes
-from fedapp.protocol.methods import private_parts, round_cost
+from fedapp.model.unet import part_sizes, unet_parts
+from fedapp.protocol.methods import private_parts, round_cost, shared_keys
 from fedapp.protocol.quantize import payload_bytes
 from fedapp.runs.checkpoint import load_checkpoint
 from fedapp.runs.node_state import RESIDUAL
 from fedapp.runs.rundir import read_jsonl
-from server_app.transport import shared_keys
 from tests.support.markers import needs_fmnist
 
 pytestmark = [
@@ -179,7 +178,7 @@ def test_four_bit_delta_updates_run_end_to_end(shared_flwr) -> None:  # type: ig
     model, cfg, payload = load_checkpoint(run / "final.pt", sampling=False)
     assert cfg.transport.dtype == "int4" and all(torch.isfinite(p).all() for p in model.parameters())
     state = model.state_dict()
-    upload = sum(payload_bytes(tuple(state[k].shape), "int4", True) for k in shared_keys(cfg, model))
+    upload = sum(payload_bytes(tuple(state[k].shape), "int4", True) for k in shared_keys(cfg.strategy.name, unet_parts(model)))
     first, second = (r["comm"]["train"]["round"] for r in rows)
     assert first["down_bytes"] == 0 and first["up_bytes"] == second["up_bytes"] == 2 * upload
     assert payload["extra"]["transport"]["version"] >= 1

@@ -15,14 +15,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from client_app.node import held_reference
 from fedapp.config import ConfigError, TransportConfig
 from fedapp.model.build import build_model
+from fedapp.model.unet import unet_parts
 from fedapp.protocol.comm import CommLedger
 from fedapp.protocol.delta import RESYNC, ReferenceChain, add_change, client_update, state_digest
 from fedapp.protocol.keys import ARRAYS, CONFIG, INIT_DIGEST, TRANSPORT, TRANSPORT_BASE, TRANSPORT_VERSION
+from fedapp.protocol.methods import shared_keys
 from fedapp.protocol.quantize import PER_CHANNEL, PER_TENSOR, Quantizer, payload_bytes, quantize
 from fedapp.protocol.records import ArrayProblem, arrays_size, decode_checked, decode_record, encode_state
-from fedapp.runs.node_state import REFERENCE, RESIDUAL, load_node_round
+from fedapp.runs.node_state import REFERENCE, RESIDUAL, load_node_model, load_node_round
 from server_app.metering import MeteredGrid
-from server_app.transport import DeltaGrid, shared_keys
+from server_app.transport import DeltaGrid
 from tests.support.inprocess import InProcessRun, run_inprocess, tiny_config
 from tests.support.markers import needs_fmnist
 from tests.support.mocks import FakeGrid, reply_from
@@ -232,7 +234,7 @@ def test_a_node_refuses_a_seeded_initialization_the_server_does_not_have(tmp_pat
 def _delta_grid() -> tuple[DeltaGrid, ArrayRecord]:
     init = _state(0)
     grid = DeltaGrid(MeteredGrid(FakeGrid([11], lambda m: m), CommLedger()), DELTA,
-                     ReferenceChain.start(init, init), seed=0)
+                     ReferenceChain.start(init, init), seed=0, init=init)
     return grid, encode_state(init)
 
 
@@ -296,6 +298,21 @@ def test_config_refuses_quantized_collafuse_and_feedback_without_a_delta(tmp_pat
         tiny_config(tmp_path, **{"transport.error-feedback": True})
 
 
+def test_arrays_outside_the_chain_travel_whole_unless_they_are_the_seeded_ones() -> None:
+    init = _state(0)
+    shared, private = list(init)[:2], list(init)[2:]
+    grid = DeltaGrid(MeteredGrid(FakeGrid([11], lambda m: m), CommLedger()), DELTA,
+                     ReferenceChain.start(init, shared), seed=0, init=init)
+    [msg] = grid.outgoing([_train_message(encode_state(init))])
+    assert len(msg.content[ARRAYS]) == 0  # all of it the seeded initialization, which the node rebuilds
+    trained = {**init, **{k: v + 1.0 for k, v in _state(2).items() if k in private}}
+    [msg] = grid.outgoing([_train_message(encode_state(trained))])
+    sent = decode_record(msg.content[ARRAYS])
+    assert set(sent) == set(private) and all(torch.equal(sent[k], trained[k]) for k in private)
+    with pytest.raises(ValueError, match="arrays the model does not have"):
+        grid.outgoing([_train_message(encode_state({**init, "extra": torch.zeros(2)}))])
+
+
 # ------------------------------------------------------------------------------ whole runs
 class _FlakyRun(InProcessRun):
     """One node's round-2 train message fails (as a crashed ClientApp would)."""
@@ -317,7 +334,7 @@ def test_a_four_bit_delta_run_keeps_every_node_on_the_servers_chain(tmp_path: Pa
     chain = run.grid.chain  # type: ignore[attr-defined]
     assert all(torch.isfinite(v).all() for v in decode_record(final).values())
     model = build_model(run.cfg, seed=run.cfg.seed)
-    keys = shared_keys(run.cfg, model)
+    keys = shared_keys(run.cfg.strategy.name, unet_parts(model))
     train = [m for m in run.sent if m.metadata.message_type == MessageType.TRAIN]
     bases = {(int(m.content[CONFIG]["server-round"]), m.metadata.dst_node_id): m.content[CONFIG][TRANSPORT_BASE]
              for m in train}
@@ -351,3 +368,19 @@ def test_a_four_bit_delta_run_keeps_every_node_on_the_servers_chain(tmp_path: Pa
     weights_run, _, _ = run_inprocess(tmp_path / "weights", nodes=3, **{**overrides, "transport.payload": "weights",
                                                                          "transport.error-feedback": False})
     assert weights_run.ledger.totals(server_round=1, message_type=MessageType.TRAIN)["up_bytes"] == 3 * upload
+
+
+@needs_fmnist
+def test_a_delta_run_from_a_checkpoint_starts_private_parts_from_it(tmp_path: Path) -> None:
+    """The checkpoint's encoder and bottleneck reach each UDec node whole (frozen here, so they stay)."""
+    overrides = {"strategy.name": "udec", "transport.dtype": "int8", "transport.payload": "delta",
+                 "train.rounds": 1, "eval.every": 0, "train.scope": "shared"}
+    run = InProcessRun(tiny_config(tmp_path, **overrides), node_ids=[101, 108])
+    checkpoint = build_model(run.cfg, seed=run.cfg.seed + 7).state_dict()
+    run.start(encode_state(checkpoint))
+    keep = [k for k in checkpoint if k not in shared_keys("udec", unet_parts(checkpoint))]
+    seeded = build_model(run.cfg, seed=run.cfg.seed).state_dict()
+    assert keep and not torch.equal(checkpoint[keep[0]], seeded[keep[0]])
+    for node in run.node_ids:
+        saved = load_node_model(run.state_dir(node))
+        assert saved is not None and all(torch.equal(saved["model"][k], checkpoint[k]) for k in keep)  # type: ignore[index]

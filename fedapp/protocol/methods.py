@@ -67,6 +67,11 @@ def parts_keys(parts: Sequence[str], part_keys: Mapping[str, Sequence[str]]) -> 
     return [k for p in ALL_PARTS if p in parts for k in part_keys[p]]
 
 
+def shared_keys(method: str, part_keys: Mapping[str, Sequence[str]]) -> list[str]:
+    """State-dict keys a FedDiffuse method sends every round (a delta payload's reference chain)."""
+    return parts_keys(SHARED_PARTS[method], part_keys)
+
+
 @dataclass(frozen=True)
 class RoundCost:
     """Parameters moved in one round, over all clients (USplit's odd client: expectation)."""
