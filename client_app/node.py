@@ -40,7 +40,6 @@ from fedapp.protocol.methods import ALL_PARTS, parts_keys, private_parts, shared
 from fedapp.protocol.records import (
     ArrayProblem,
     decode_array,
-    decode_checked,
     encode_state,
     load_record,
     model_to_record,
@@ -176,8 +175,9 @@ def received_arrays(cfg: FedConfig, msg: Message, directory: Path,
     keys = shared_keys(cfg.strategy.name, unet_parts(init))
     record = msg.content.array_records.get(ARRAYS, ArrayRecord())
     change = ArrayRecord({k: record[k] for k in record.keys() if k in keys})
+    other = ArrayRecord({k: record[k] for k in record.keys() if k not in keys})
     try:
-        whole = {k: _whole(record, k, init) for k in record.keys() if k not in keys}
+        whole = add_change({k: torch.zeros_like(v) for k, v in init.items() if k not in keys}, other)
         if base == RESYNC:
             if set(change.keys()) != set(keys):
                 raise ArrayProblem(f"a whole version holds {len(change)} arrays, the method shares {len(keys)}")
@@ -190,15 +190,6 @@ def received_arrays(cfg: FedConfig, msg: Message, directory: Path,
     if base != version:
         save_node_round(directory, REFERENCE, {"arrays": reference}, pid, version)
     return encode_state({**init, **whole, **reference}), reference
-
-
-def _whole(record: ArrayRecord, key: str, init: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    if key not in init:
-        raise ArrayProblem(f"array {key!r} is not one the model has")
-    try:
-        return decode_checked(record[key], tuple(init[key].shape))
-    except ArrayProblem as err:
-        raise ArrayProblem(f"array {key!r}: {err}") from None
 
 
 def held_reference(directory: Path, version: int, init: Mapping[str, torch.Tensor], keys: list[str],
