@@ -22,6 +22,7 @@ from client_app.node import (
     node_partition,
     own_model,
     personal_model,
+    private_update,
     quality_meter,
     report_parts,
     save_trained,
@@ -78,6 +79,7 @@ def train(msg: Message, context: Context) -> Message:
     personal = is_personalized(cfg.strategy.name)
     optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=personal, own=local.saved)
     report_keys = parts_keys(report, unet_parts(model))
+    received = {k: v.detach().clone() for k, v in model.state_dict().items() if k in report_keys}
     result = train_local(
         model,
         build_diffusion(cfg),
@@ -95,8 +97,10 @@ def train(msg: Message, context: Context) -> Message:
         desc=f"client {pid} round {server_round}",
     )
     inject_fault(cfg, pid, server_round)
+    privacy = private_update(cfg, model, received)
     metrics = MetricRecord(
         {
+            **privacy,
             NUM_EXAMPLES: len(data.train),
             "train-loss": result.loss,
             "train-steps": result.steps,

@@ -21,6 +21,7 @@ from fedapp.data.share import LocalData, local_data
 from fedapp.eval.disclosure import similarity
 from fedapp.model.build import build_model
 from fedapp.model.unet import UNet, unet_parts
+from fedapp.privacy.mechanism import add_noise, clip_update, update_norm
 from fedapp.protocol.delta import RESYNC, add_change, client_update, quantizer_for, state_digest
 from fedapp.protocol.keys import (
     ARRAYS,
@@ -225,6 +226,24 @@ def upload(cfg: FedConfig, msg: Message, local: LocalModel, keys: list[str], pid
     if transport.error_feedback:
         save_node_round(directory, RESIDUAL, {"arrays": residual}, pid, server_round)
     return RecordDict({ARRAYS: record, TRANSPORT: ConfigRecord({TRANSPORT_BASE: version})})
+
+
+def private_update(cfg: FedConfig, model: UNet, received: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Client-level privacy on this round's update over the reported arrays (``received``: what they were
+    before training): clipped to ``privacy.clip``, with this client's own noise where it adds it, written
+    back into ``model``. Without privacy, the update's norm only, as a metric that helps choose a clip."""
+    state = model.state_dict()
+    trained = {k: state[k] for k in received}
+    if not cfg.privacy.client_level:
+        return {"update-norm": update_norm(trained, received)}
+    clipped, _ = clip_update(trained, received, cfg.privacy.clip)  # the norm itself stays here: it would leak
+    if cfg.privacy.noise == "client":
+        from fedapp.privacy.accounting import client_level_release  # Opacus: only on a private client's round
+
+        sigma, _ = client_level_release(cfg)
+        clipped = add_noise(clipped, sigma * cfg.privacy.clip)
+    model.load_state_dict(clipped, strict=False)
+    return {}
 
 
 def carried_state(cfg: FedConfig, model: UNet, directory: Path, upto: int, keeps_ema: bool,

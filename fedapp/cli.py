@@ -309,6 +309,28 @@ def _tradeoff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    import json
+
+    from fedapp.report.audit import audit_run
+    from fedapp.train.loop import pick_device
+
+    checkpoint = checkpoint_of(args.run)
+    rows = audit_run(checkpoint, num_partitions=args.num_partitions, members=args.members,
+                     nonmembers=args.nonmembers, draws=args.draws, seed=args.seed, max_timestep=args.max_timestep,
+                     device=pick_device(args.device))
+    print("| client | model | members | non-members | ROC AUC | TPR at 1 % FPR |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['client']} | {row['model']} | {row['members']} | {row['nonmembers']} | "
+              f"{row['auc']:.3f} | {row['tpr@1%fpr']:.3f} |")
+    out = args.out or checkpoint.with_name(f"{checkpoint.stem}-audit.json")
+    out.write_text(json.dumps({"checkpoint": str(checkpoint), "draws": args.draws, "seed": args.seed,
+                               "max_timestep": args.max_timestep, "clients": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     positive, natural = _whole_number(1), _whole_number(0)
     parser = _Parser(prog="fedapp", description=__doc__.split("\n\n")[0],
@@ -356,6 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--html", action="store_true",
                         help="also write report.html: the same report as one file, figures embedded")
     report.set_defaults(func=_report)
+    audit = sub.add_parser("audit", help="membership inference audit (loss attack) of a run's final model(s)")
+    audit.add_argument("run", type=Path, help="a run directory or checkpoint")
+    audit.add_argument("--members", type=_whole_number(1), default=500, help="training images per client")
+    audit.add_argument("--nonmembers", type=_whole_number(1), default=500, help="held-out test images")
+    audit.add_argument("--draws", type=_whole_number(1), default=8, help="(t, ε) draws per image")
+    audit.add_argument("--max-timestep", type=_whole_number(0), default=0, help="draw t below this (0: all)")
+    audit.add_argument("--num-partitions", type=_whole_number(0), default=0,
+                       help="the run's clients, where its config does not say")
+    audit.add_argument("--seed", type=_whole_number(0), default=0)
+    audit.add_argument("--device", default="auto")
+    audit.add_argument("--out", type=Path, default=None, help="JSON rows (default: beside the checkpoint)")
+    audit.set_defaults(func=_audit)
     check = sub.add_parser("check", help="validate a config, its data and its split without running anything")
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="run-config overrides, as for flwr run --run-config (e.g. strategy.name=udec)")

@@ -201,6 +201,26 @@ class TransportConfig(_Section):
         return self.dtype in ("int8", "int4")
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy (``fedapp.privacy``). Off by default.
+
+    Client level (FedDiffuse methods): each client's update, what it sends minus what it received over
+    the parts that travel, is clipped to ``clip`` in L2 norm and Gaussian noise of ``noise-multiplier``
+    times the clip is added, by the server to the average (it sees clipped updates in the clear) or
+    by each client to its own update (it sees only noised ones). ε at ``delta`` is accounted every round.
+    """
+
+    clip: float = Field(0.0, ge=0)  # client level: the update's L2 bound; 0: off
+    noise_multiplier: float = Field(0.0, ge=0)  # σ: the noise std over the clip; 0 with clip > 0: clipping only
+    target_epsilon: float = Field(0.0, ge=0)  # > 0: σ is chosen so the run ends at this ε (replaces σ)
+    noise: Literal["server", "client"] = "server"  # who adds the client-level noise
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+    @property
+    def client_level(self) -> bool:
+        return self.clip > 0
+
+
 class OutputConfig(_Section):
     """Where the run directory goes."""
 
@@ -258,6 +278,7 @@ class FedConfig(_Section):
     eval: EvalConfig = EvalConfig()
     transport: TransportConfig = TransportConfig()
     collafuse: CollafuseConfig = CollafuseConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     output: OutputConfig = OutputConfig()
     faults: FaultConfig = FaultConfig()
 
@@ -396,6 +417,7 @@ def parse_config(run_config: Mapping[str, Any]) -> FedConfig:
             "invalid config: transport.error-feedback = true needs transport.payload = \"delta\" "
             "(the residual is carried into the next update)"
         )
+    _check_privacy(cfg)
     ev = cfg.eval
     if cfg.diffusion.timesteps % ev.sampler_steps:  # also catches steps > T
         raise ConfigError(
@@ -408,3 +430,22 @@ def parse_config(run_config: Mapping[str, Any]) -> FedConfig:
             "images (use 0 to turn the Fréchet metrics off)"
         )
     return cfg
+
+
+def _check_privacy(cfg: FedConfig) -> None:
+    """Privacy needs a method whose clients send model updates, and an average whose sensitivity it bounds."""
+    pv = cfg.privacy
+    if (pv.noise_multiplier or pv.target_epsilon) and not pv.client_level:
+        raise ConfigError("invalid config: privacy.noise-multiplier or privacy.target-epsilon is set but "
+                          "privacy.clip is 0 (the noise is calibrated to the clipping bound)")
+    if not pv.client_level:
+        return
+    if cfg.strategy.name not in ("full", "usplit", "ulatdec", "udec"):
+        raise ConfigError(f"invalid config: privacy with strategy.name = {cfg.strategy.name!r}: differential "
+                          "privacy covers the FedDiffuse methods (full, usplit, ulatdec, udec)")
+    if cfg.strategy.aggregation != "mean":
+        raise ConfigError(f"invalid config: privacy.clip with strategy.aggregation = {cfg.strategy.aggregation!r}: "
+                          "the noise is calibrated to a mean's sensitivity; use \"mean\"")
+    if pv.target_epsilon and pv.noise_multiplier:
+        raise ConfigError("invalid config: privacy.target-epsilon and privacy.noise-multiplier are both set; "
+                          "give one (the target chooses the multiplier)")

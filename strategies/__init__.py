@@ -7,6 +7,7 @@ from strategies.base import FedappStrategy
 from strategies.collafuse import CollaFuse
 from strategies.full import Full
 from strategies.partial import PartFedAvg, UDec, ULatDec, USplit
+from strategies.privacy import ClientLevelDP
 
 STRATEGIES: dict[str, type[FedappStrategy]] = {"full": Full, "usplit": USplit, "ulatdec": ULatDec, "udec": UDec}
 
@@ -23,7 +24,7 @@ def build_strategy(cfg: FedConfig) -> FedappStrategy:
     if s.name == "collafuse":
         return CollaFuse(cfg, **sampling)
     sampling.update(max_num_examples=s.max_num_examples, min_valid_replies=s.min_valid_replies,
-                    aggregation=s.aggregation, trim_fraction=s.trim_fraction)
+                    aggregation=s.aggregation, trim_fraction=s.trim_fraction, privacy=ClientLevelDP.from_config(cfg))
     if s.name == "usplit":
         sampling["seed"] = cfg.seed
     return STRATEGIES[s.name](**sampling)

@@ -15,7 +15,9 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedapp.log import log
+from fedapp.privacy.accounting import PrivacyAccount
 from fedapp.protocol.metrics import mean_std_over_clients, weighted_mean_over_clients
+from strategies.privacy import ClientLevelDP
 from strategies.robust import Aggregation
 from strategies.validation import by_node, canonical_metrics, weight_problem
 
@@ -28,20 +30,23 @@ class FedappStrategy(FedAvg):
     method = "full"
 
     def __init__(self, *args: Any, max_num_examples: int = 10_000_000, min_valid_replies: int = 1,
-                 aggregation: Aggregation = "mean", trim_fraction: float = 0.2, **kwargs: Any) -> None:
+                 aggregation: Aggregation = "mean", trim_fraction: float = 0.2,
+                 privacy: ClientLevelDP | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", weighted_mean_over_clients)
         kwargs.setdefault("evaluate_metrics_aggr_fn", weighted_mean_over_clients)
         super().__init__(*args, **kwargs)
         self.max_num_examples, self.min_valid_replies = max_num_examples, min_valid_replies
-        self.aggregation, self.trim_fraction = aggregation, trim_fraction
+        self.aggregation: Aggregation = "unweighted-mean" if privacy is not None else aggregation
+        self.trim_fraction, self.privacy = trim_fraction, privacy
 
     def state(self) -> StrategyState:
-        """What a resume needs beyond the weights; none by default."""
-        return {}
+        """What a resume needs beyond the weights: the privacy account, where there is one."""
+        return {"privacy": self.privacy.account.state()} if self.privacy is not None else {}
 
     def restore(self, state: StrategyState) -> None:
         """Take back what :meth:`state` gave, from a round checkpoint."""
-        del state
+        if self.privacy is not None and "privacy" in state:
+            self.privacy.account = PrivacyAccount.from_state(state["privacy"])
 
     def valid_evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The evaluate replies that hold one MetricRecord with a usable weight, their metrics made

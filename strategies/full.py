@@ -26,10 +26,12 @@ class Full(FedappStrategy):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._sent: ArrayRecord | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        self._sent = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int,
@@ -47,9 +49,14 @@ class Full(FedappStrategy):
         good, _ = self._check_and_log_replies(kept, is_train=True)
         if not good:
             return None, None
+        if self.privacy is not None and self._sent is not None:
+            self.privacy.clip_replies(good, self._sent, self.arrayrecord_key)
         contents = [m.content for m in good]
         arrays = robust_record([c[self.arrayrecord_key] for c in contents], self.aggregation, self.trim_fraction)
-        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        if self.privacy is None:
+            return arrays, metrics
+        return ArrayRecord(self.privacy.noised(arrays, len(good))), self.privacy.released(metrics)
 
     def _reference(self, answered: list[Message]) -> dict[str, tuple[int, ...]]:
         """The global keys and shapes; without a configured round (a direct call), the first reply's."""

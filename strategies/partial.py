@@ -42,9 +42,10 @@ class PartFedAvg(FedappStrategy):
 
     def state(self) -> StrategyState:
         """What a resume needs beyond the weights: which nodes already hold their private parts."""
-        return {"initialized": sorted(self.initialized)}
+        return {**super().state(), "initialized": sorted(self.initialized)}
 
     def restore(self, state: StrategyState) -> None:
+        super().restore(state)
         self.initialized = set(state.get("initialized", []))  # type: ignore[call-overload]
 
     def assign(self, server_round: int, node_ids: list[int]) -> dict[int, tuple[str, ...]]:
@@ -90,6 +91,8 @@ class PartFedAvg(FedappStrategy):
         if not good or self._global is None:
             return None, None
         canonical_metrics([m.content for m in good])
+        if self.privacy is not None:
+            self.privacy.clip_replies(good, self._global, self.arrayrecord_key)
         merged = {k: v for k, v in self._global.items()}
         for part in ALL_PARTS:
             reporters = [m for m in good if part in self.tasks[m.metadata.src_node_id]]
@@ -103,11 +106,12 @@ class PartFedAvg(FedappStrategy):
             ]
             if self.aggregation == "mean":
                 merged.update(aggregate_arrayrecords(subsets, self.weighted_by_key).items())
-            else:
-                merged.update(robust_record([s[ARRAYS] for s in subsets], self.aggregation, self.trim_fraction))
+                continue
+            part = robust_record([s[ARRAYS] for s in subsets], self.aggregation, self.trim_fraction)
+            merged.update(self.privacy.noised(part, len(reporters)) if self.privacy is not None else part.items())
         self.initialized.update(m.metadata.src_node_id for m in good)
         metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
-        return ArrayRecord(merged), metrics
+        return ArrayRecord(merged), self.privacy.released(metrics) if self.privacy is not None else metrics
 
     def _reported_its_task(self, reply: Message) -> bool:
         """A reply must carry exactly its task's keys, in the global shapes, and a usable weight."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -185,6 +186,37 @@ def test_four_bit_delta_updates_run_end_to_end(shared_flwr) -> None:  # type: ig
     residuals = sorted(nodes.rglob(f"{RESIDUAL}*.pt"))
     assert len(residuals) >= 2, f"no error-feedback residuals under {nodes}"
     assert rows[-1]["quality"]["clients"] == 2 and rows[-1]["quality"]["fd-cnn"] > 0
+
+
+def test_client_level_privacy_runs_end_to_end_and_its_models_can_be_audited(shared_flwr) -> None:  # type: ignore[no-untyped-def]
+    """UDec with each client's own noise at a target ε through Flower: every round's ε is in metrics.jsonl
+    and the summary line, the last one spends the target, and ``fedapp audit`` scores each client's model."""
+    from fedapp.privacy.accounting import PrivacyAccount, client_level_release
+
+    tmp, env = shared_flwr
+    runs = tmp / "runs"
+    config = {**TINY, "strategy.name": "udec", "output.dir": str(runs), "output.name": "private",
+              "train.node-state-dir": str(tmp / "nodes-dp"), "eval.stats-dir": str(tmp / "stats"),
+              "privacy.clip": 1.0, "privacy.target-epsilon": 8.0, "privacy.noise": "client"}
+    done = flwr_run(env, config, 2, timeout=600)
+    run = runs / "private"
+    assert (run / "final.pt").is_file(), (done.stdout + done.stderr)[-4000:]
+    rows = read_jsonl(run / "metrics.jsonl")
+    sigma, rate = client_level_release(parse_config(config))
+    account = PrivacyAccount(1e-5)
+    for row in rows:
+        account.release(sigma, rate)
+        assert row["train"]["dp-epsilon"] == pytest.approx(account.epsilon(), rel=1e-6)
+        assert "update-norm" not in row["train"]  # a private client keeps its update's norm to itself
+    assert 7.9 < rows[-1]["train"]["dp-epsilon"] <= 8.0
+    assert "ε 8.00" in done.stdout + done.stderr
+    audit = subprocess.run([sys.executable, "-m", "fedapp", "audit", str(run), "--members", "16",
+                            "--nonmembers", "16", "--draws", "2", "--device", "cpu"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert audit.returncode == 0, audit.stderr[-2000:]
+    result = json.loads((run / "final-audit.json").read_text())
+    assert sorted(r["client"] for r in result["clients"]) == [0, 1]
+    assert all(r["model"] == "own" and 0.0 <= r["auc"] <= 1.0 and r["members"] == 16 for r in result["clients"])
 
 
 def test_collafuse_runs_end_to_end(shared_flwr) -> None:  # type: ignore[no-untyped-def]

@@ -1,7 +1,7 @@
 """The layout holds: imports only run down the floors, Flower stays in protocol/ and deploy/, no circles.
 
 Floors of ``fedapp`` (a module may import its own floor's packages and those below):
-config, files, log → data → model → train, eval → protocol → runs → report, deploy → cli.
+config, files, log → data → model → train, eval, privacy → protocol → runs → report, deploy → cli.
 The apps and strategies sit above all of it; ``fedapp`` never imports them.
 """
 
@@ -19,7 +19,7 @@ FLOORS = {
     "config": 0, "files": 0, "log": 0,
     "data": 1,
     "model": 2,
-    "train": 3, "eval": 3,
+    "train": 3, "eval": 3, "privacy": 3,
     "protocol": 4,
     "runs": 5,
     "report": 6, "deploy": 6,

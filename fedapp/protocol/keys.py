@@ -38,6 +38,7 @@ NUM_EXAMPLES = "num-examples"  # the weighting key of every reply
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 IDENTIFIERS = (PARTITION_ID, NUM_PARTITIONS)  # who replied; never averaged
+DP_EPSILON = "dp-epsilon"  # client-level ε at privacy.delta after this round (the server's account)
 
 # ---------------------------------------------------------------- named actions (CollaFuse)
 COLLAFUSE = "collafuse"

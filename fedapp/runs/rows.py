@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from fedapp.config import FedConfig
+from fedapp.protocol.keys import DP_EPSILON
 from fedapp.runs.checkpoint import save_checkpoint
 from fedapp.runs.rundir import RunDir
 from fedapp.runs.tracking import Tracker
@@ -88,6 +89,9 @@ def summary_line(row: Row, rounds: int, sent_bytes: int | None = None) -> str:
         parts.append(f"{name.upper()} {quality[name]:.1f}{spread} ({where + '; ' if where else ''}{samples})")
         if name == "fd-cnn" and "fd-cnn-precision" in quality:
             parts.append(f"precision {quality['fd-cnn-precision']:.2f} recall {quality['fd-cnn-recall']:.2f}")
+    epsilon = row.get("train", {}).get(DP_EPSILON)
+    if isinstance(epsilon, int | float):
+        parts.append(f"ε {epsilon:.2f} spent")
     if sent_bytes is not None:
         parts.append(f"{_megabytes(sent_bytes)} moved so far")
     if "samples" in row:

@@ -1,0 +1,78 @@
+"""ε at δ after each private release, from Opacus's RDP accountant.
+
+A release is one round's noisy mean of clipped client updates.
+The accountant assumes each release samples every record independently with probability
+``sample_rate`` (Poisson sampling): a client with probability ``strategy.fraction-train`` per
+round at client level with the server's noise (Flower samples a fixed number of nodes; with
+fraction 1 the two agree), 1 when each client noises its own update (what the server sees of a
+client is that client's release every round it takes part), and batch / partition size per DP-SGD
+step. The history is a plain list, so a resumed run continues the same account.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedapp.config import FedConfig
+
+
+@dataclass
+class PrivacyAccount:
+    """The releases so far (``history``: Opacus's ``(noise multiplier, sample rate, count)`` triples)."""
+
+    delta: float
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def release(self, noise_multiplier: float, sample_rate: float, count: int = 1) -> None:
+        """Record ``count`` releases of a Gaussian mechanism with this multiplier and sampling rate."""
+        if noise_multiplier <= 0 or not 0 < sample_rate <= 1 or count < 0:
+            raise ValueError(f"a release needs noise multiplier > 0 and sample rate in (0, 1]; "
+                             f"got {noise_multiplier}, {sample_rate}")
+        if count == 0:
+            return
+        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
+            sigma, rate, done = self.history[-1]
+            self.history[-1] = (sigma, rate, done + count)
+        else:
+            self.history.append((noise_multiplier, sample_rate, count))
+
+    @property
+    def releases(self) -> int:
+        return sum(count for *_, count in self.history)
+
+    def epsilon(self) -> float:
+        """ε at ``delta`` after every release so far (0 before the first)."""
+        if not self.history:
+            return 0.0
+        accountant = RDPAccountant()
+        accountant.history = list(self.history)
+        return float(accountant.get_epsilon(self.delta))
+
+    def state(self) -> dict[str, object]:
+        return {"delta": self.delta, "history": [list(entry) for entry in self.history]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, object]) -> PrivacyAccount:
+        history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]  # type: ignore[attr-defined]
+        return cls(delta=float(state["delta"]), history=history)  # type: ignore[arg-type]
+
+
+def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, releases: int) -> float:
+    """The noise multiplier after which ``releases`` releases at ``sample_rate`` spend ``target_epsilon``."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=releases, accountant="rdp"))
+
+
+def client_level_release(cfg: FedConfig) -> tuple[float, float]:
+    """(noise multiplier, sample rate) of each round's client-level release; both ends derive the same.
+
+    ``privacy.target-epsilon`` chooses the multiplier that spends it over ``train.rounds`` releases.
+    """
+    pv = cfg.privacy
+    rate = cfg.strategy.fraction_train if pv.noise == "server" else 1.0
+    if pv.target_epsilon:
+        return noise_for_epsilon(pv.target_epsilon, pv.delta, rate, cfg.train.rounds), rate
+    return pv.noise_multiplier, rate
