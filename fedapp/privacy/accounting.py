@@ -11,12 +11,28 @@ step. The history is a plain list, so a resumed run continues the same account.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from functools import cache
+from typing import Any
 
 from fedapp.config import FedConfig
+
+
+@cache
+def _opacus() -> Any:
+    """``opacus.accountants``, imported on first use. Importing opacus calls ``logging.basicConfig``
+    (``opacus.utils.module_utils``), and the root handler it adds would print every log line of the
+    process a second time; it is removed again, and a run without privacy never imports opacus."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    import opacus.accountants
+    import opacus.accountants.utils
+
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)
+    return opacus.accountants
 
 
 @dataclass
@@ -47,7 +63,7 @@ class PrivacyAccount:
         """ε at ``delta`` after every release so far (0 before the first)."""
         if not self.history:
             return 0.0
-        accountant = RDPAccountant()
+        accountant = _opacus().RDPAccountant()
         accountant.history = list(self.history)
         return float(accountant.get_epsilon(self.delta))
 
@@ -62,7 +78,7 @@ class PrivacyAccount:
 
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, releases: int) -> float:
     """The noise multiplier after which ``releases`` releases at ``sample_rate`` spend ``target_epsilon``."""
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+    return float(_opacus().utils.get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=releases, accountant="rdp"))
 
 
