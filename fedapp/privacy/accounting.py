@@ -47,13 +47,10 @@ class PrivacyAccount:
         if noise_multiplier <= 0 or not 0 < sample_rate <= 1 or count < 0:
             raise ValueError(f"a release needs noise multiplier > 0 and sample rate in (0, 1]; "
                              f"got {noise_multiplier}, {sample_rate}")
-        if count == 0:
-            return
-        if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
-            sigma, rate, done = self.history[-1]
-            self.history[-1] = (sigma, rate, done + count)
-        else:
-            self.history.append((noise_multiplier, sample_rate, count))
+        accountant = self._accountant()
+        for _ in range(count):  # Opacus merges a run of equal releases into one (σ, q, count) entry
+            accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+        self.history = list(accountant.history)
 
     @property
     def releases(self) -> int:
@@ -61,11 +58,13 @@ class PrivacyAccount:
 
     def epsilon(self) -> float:
         """ε at ``delta`` after every release so far (0 before the first)."""
-        if not self.history:
-            return 0.0
+        return float(self._accountant().get_epsilon(self.delta)) if self.history else 0.0
+
+    def _accountant(self) -> Any:
+        """Opacus's RDP accountant holding this account's releases."""
         accountant = _opacus().RDPAccountant()
         accountant.history = list(self.history)
-        return float(accountant.get_epsilon(self.delta))
+        return accountant
 
     def state(self) -> dict[str, object]:
         return {"delta": self.delta, "history": [list(entry) for entry in self.history]}
@@ -76,6 +75,7 @@ class PrivacyAccount:
         return cls(delta=float(state["delta"]), history=history)  # type: ignore[arg-type]
 
 
+@cache  # a client adding its own noise derives it every round; the search takes a while
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, releases: int) -> float:
     """The noise multiplier after which ``releases`` releases at ``sample_rate`` spend ``target_epsilon``."""
     return float(_opacus().utils.get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
