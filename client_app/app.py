@@ -25,6 +25,7 @@ from client_app.node import (
     private_update,
     quality_meter,
     report_parts,
+    sample_level_account,
     save_trained,
     upload,
 )
@@ -32,6 +33,7 @@ from fedapp.data.pixels import to_uint8
 from fedapp.eval.disclosure import audit_upload
 from fedapp.model.build import build_diffusion
 from fedapp.model.unet import unet_parts
+from fedapp.privacy.dpsgd import SampleLevelDP
 from fedapp.protocol.keys import (
     AUDIT_ROUND,
     COLLAFUSE,
@@ -80,6 +82,7 @@ def train(msg: Message, context: Context) -> Message:
     optimizer, ema = carried_state(cfg, model, directory, server_round - 1, keeps_ema=personal, own=local.saved)
     report_keys = parts_keys(report, unet_parts(model))
     received = {k: v.detach().clone() for k, v in model.state_dict().items() if k in report_keys}
+    dp = SampleLevelDP.for_partition(cfg, len(data.train))
     result = train_local(
         model,
         build_diffusion(cfg),
@@ -93,11 +96,14 @@ def train(msg: Message, context: Context) -> Message:
         trainable=report_keys if cfg.train.scope == "shared" else None,
         optimizer=optimizer,
         ema=ema,
+        dp=dp,
         progress=cfg.output.progress,
         desc=f"client {pid} round {server_round}",
     )
     inject_fault(cfg, pid, server_round)
     privacy = private_update(cfg, model, received)
+    if dp is not None:
+        privacy.update(sample_level_account(cfg, dp, result.steps, directory, pid, server_round))
     metrics = MetricRecord(
         {
             **privacy,

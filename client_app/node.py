@@ -21,12 +21,15 @@ from fedapp.data.share import LocalData, local_data
 from fedapp.eval.disclosure import similarity
 from fedapp.model.build import build_model
 from fedapp.model.unet import UNet, unet_parts
+from fedapp.privacy.accounting import PrivacyAccount
+from fedapp.privacy.dpsgd import SampleLevelDP
 from fedapp.privacy.mechanism import add_noise, clip_update, update_norm
 from fedapp.protocol.delta import RESYNC, add_change, client_update, quantizer_for, state_digest
 from fedapp.protocol.keys import (
     ARRAYS,
     AUDIT_X0,
     CONFIG,
+    DP_SGD_EPSILON,
     INIT_DIGEST,
     NUM_PARTITIONS,
     PARTITION_ID,
@@ -46,6 +49,7 @@ from fedapp.protocol.records import (
     model_to_record,
 )
 from fedapp.runs.node_state import (
+    DP_SGD_ACCOUNT,
     OPTIMIZER,
     REFERENCE,
     RESIDUAL,
@@ -244,6 +248,17 @@ def private_update(cfg: FedConfig, model: UNet, received: Mapping[str, torch.Ten
         clipped = add_noise(clipped, sigma * cfg.privacy.clip)
     model.load_state_dict(clipped, strict=False)
     return {}
+
+
+def sample_level_account(cfg: FedConfig, dp: SampleLevelDP, steps: int, directory: Path, pid: int,
+                         server_round: int) -> dict[str, float]:
+    """This client's DP-SGD account after this round's ``steps``, kept on its disk like its Adam state (a
+    repeated round continues the account of the round before); its ε at ``privacy.delta`` as a metric."""
+    saved = load_node_round(directory, DP_SGD_ACCOUNT, server_round - 1)
+    account = PrivacyAccount.from_state(saved["account"]) if saved else PrivacyAccount(cfg.privacy.delta)  # type: ignore[arg-type]
+    dp.account(account, steps)
+    save_node_round(directory, DP_SGD_ACCOUNT, {"account": account.state()}, pid, server_round)
+    return {DP_SGD_EPSILON: account.epsilon()} if dp.noise_multiplier else {}
 
 
 def carried_state(cfg: FedConfig, model: UNet, directory: Path, upto: int, keeps_ema: bool,

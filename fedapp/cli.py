@@ -313,6 +313,7 @@ def _audit(args: argparse.Namespace) -> int:
     import json
 
     from fedapp.report.audit import audit_run
+    from fedapp.runs.rundir import audit_path
     from fedapp.train.loop import pick_device
 
     checkpoint = checkpoint_of(args.run)
@@ -324,7 +325,7 @@ def _audit(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"| {row['client']} | {row['model']} | {row['members']} | {row['nonmembers']} | "
               f"{row['auc']:.3f} | {row['tpr@1%fpr']:.3f} |")
-    out = args.out or checkpoint.with_name(f"{checkpoint.stem}-audit.json")
+    out = args.out or audit_path(checkpoint)
     out.write_text(json.dumps({"checkpoint": str(checkpoint), "draws": args.draws, "seed": args.seed,
                                "max_timestep": args.max_timestep, "clients": rows}, indent=1) + "\n")
     print(f"wrote {out}")

@@ -208,6 +208,9 @@ class PrivacyConfig(_Section):
     the parts that travel, is clipped to ``clip`` in L2 norm and Gaussian noise of ``noise-multiplier``
     times the clip is added, by the server to the average (it sees clipped updates in the clear) or
     by each client to its own update (it sees only noised ones). ε at ``delta`` is accounted every round.
+
+    Sample level (``sample-*``): DP-SGD in each client's local training, which bounds what the client's
+    model (and so anything it sends) says about any one of its images, whoever looks.
     """
 
     clip: float = Field(0.0, ge=0)  # client level: the update's L2 bound; 0: off
@@ -215,10 +218,20 @@ class PrivacyConfig(_Section):
     target_epsilon: float = Field(0.0, ge=0)  # > 0: σ is chosen so the run ends at this ε (replaces σ)
     noise: Literal["server", "client"] = "server"  # who adds the client-level noise
     delta: float = Field(1e-5, gt=0, lt=1)
+    # Sample level (DP-SGD with Opacus in every client's local training): Poisson batches, each
+    # image's gradient clipped to sample-clip, Gaussian noise of sample-noise-multiplier × sample-clip
+    # on their sum; each client accounts its own steps.
+    sample_clip: float = Field(0.0, ge=0)  # the per-image gradient's L2 bound; 0: off
+    sample_noise_multiplier: float = Field(0.0, ge=0)  # σ of DP-SGD; 0 with sample-clip > 0: clipping only
+    sample_target_epsilon: float = Field(0.0, ge=0)  # > 0: σ is chosen so each client ends the run at this ε
 
     @property
     def client_level(self) -> bool:
         return self.clip > 0
+
+    @property
+    def sample_level(self) -> bool:
+        return self.sample_clip > 0
 
 
 class OutputConfig(_Section):
@@ -435,6 +448,15 @@ def parse_config(run_config: Mapping[str, Any]) -> FedConfig:
 def _check_privacy(cfg: FedConfig) -> None:
     """Privacy needs a method whose clients send model updates, and an average whose sensitivity it bounds."""
     pv = cfg.privacy
+    if (pv.sample_noise_multiplier or pv.sample_target_epsilon) and not pv.sample_level:
+        raise ConfigError("invalid config: privacy.sample-noise-multiplier or privacy.sample-target-epsilon is set "
+                          "but privacy.sample-clip is 0 (DP-SGD's noise is calibrated to the per-image clip)")
+    if pv.sample_target_epsilon and pv.sample_noise_multiplier:
+        raise ConfigError("invalid config: privacy.sample-target-epsilon and privacy.sample-noise-multiplier are "
+                          "both set; give one (the target chooses the multiplier)")
+    if pv.sample_level and cfg.strategy.name not in ("full", "usplit", "ulatdec", "udec"):
+        raise ConfigError(f"invalid config: privacy.sample-clip with strategy.name = {cfg.strategy.name!r}: DP-SGD "
+                          "runs in the FedDiffuse methods' local training (full, usplit, ulatdec, udec)")
     if (pv.noise_multiplier or pv.target_epsilon) and not pv.client_level:
         raise ConfigError("invalid config: privacy.noise-multiplier or privacy.target-epsilon is set but "
                           "privacy.clip is 0 (the noise is calibrated to the clipping bound)")

@@ -189,15 +189,17 @@ def test_four_bit_delta_updates_run_end_to_end(shared_flwr) -> None:  # type: ig
 
 
 def test_client_level_privacy_runs_end_to_end_and_its_models_can_be_audited(shared_flwr) -> None:  # type: ignore[no-untyped-def]
-    """UDec with each client's own noise at a target ε through Flower: every round's ε is in metrics.jsonl
-    and the summary line, the last one spends the target, and ``fedapp audit`` scores each client's model."""
+    """UDec with each client's own noise at a target ε, and DP-SGD in its local training at another, through
+    Flower: every round's ε of both is in metrics.jsonl and the summary line, the last ones spend the
+    targets, and ``fedapp audit`` scores each client's model."""
     from fedapp.privacy.accounting import PrivacyAccount, client_level_release
 
     tmp, env = shared_flwr
     runs = tmp / "runs"
     config = {**TINY, "strategy.name": "udec", "output.dir": str(runs), "output.name": "private",
               "train.node-state-dir": str(tmp / "nodes-dp"), "eval.stats-dir": str(tmp / "stats"),
-              "privacy.clip": 1.0, "privacy.target-epsilon": 8.0, "privacy.noise": "client"}
+              "privacy.clip": 1.0, "privacy.target-epsilon": 8.0, "privacy.noise": "client",
+              "privacy.sample-clip": 1.0, "privacy.sample-target-epsilon": 4.0}
     done = flwr_run(env, config, 2, timeout=600)
     run = runs / "private"
     assert (run / "final.pt").is_file(), (done.stdout + done.stderr)[-4000:]
@@ -210,6 +212,9 @@ def test_client_level_privacy_runs_end_to_end_and_its_models_can_be_audited(shar
         assert "update-norm" not in row["train"]  # a private client keeps its update's norm to itself
     assert 7.9 < rows[-1]["train"]["dp-epsilon"] <= 8.0
     assert "ε 8.00" in done.stdout + done.stderr
+    sample_level = [row["train"]["dp-sgd-epsilon"] for row in rows]
+    assert sample_level == sorted(sample_level) and 3.9 < sample_level[-1] <= 4.0  # each client's σ spends it
+    assert "DP-SGD ε 4.00 (worst client)" in done.stdout + done.stderr
     audit = subprocess.run([sys.executable, "-m", "fedapp", "audit", str(run), "--members", "16",
                             "--nonmembers", "16", "--draws", "2", "--device", "cpu"],
                            capture_output=True, text=True, timeout=300, env=env)

@@ -132,6 +132,24 @@ def test_a_run_without_quality_rows_is_listed_with_a_dash_and_a_note(runs: list[
     assert (out / "mine.txt").read_text() == "keep me"
 
 
+def test_private_runs_show_their_epsilon_and_audit_and_other_reports_no_privacy_section(
+        runs: list[Path], tmp_path: Path) -> None:
+    assert "## Privacy" not in write_report(runs, tmp_path / "plain").read_text()
+    private = make_run(tmp_path / "runs", "udec-dp", "udec", "iid", [
+        {"round": 1, "wall_s": 3.0, "train": {"dp-epsilon": 4.1, "dp-sgd-epsilon": 1.5}},
+        {"round": 2, "wall_s": 6.0, "train": {"dp-epsilon": 7.99, "dp-sgd-epsilon": 2.25}}])
+    (private / "final-audit.json").write_text(json.dumps({"clients": [
+        {"client": 0, "auc": 0.5, "tpr@1%fpr": 0.0}, {"client": 1, "auc": 0.7, "tpr@1%fpr": 0.02}]}))
+    (runs[0] / "final-audit.json").write_text(json.dumps({"clients": [{"client": 0, "auc": 0.52, "tpr@1%fpr": 0.01}]}))
+    (runs[1] / "final-audit.json").write_text("not json")  # an unreadable audit is left out, not a crash
+    text = write_report([*runs, private], tmp_path / "out").read_text()
+    section = text[text.index("## Privacy"):]
+    row = next(line for line in section.splitlines() if line.startswith("| `udec-dp`"))
+    assert "| 7.99 | 2.25 |" in row and "0.600 ± 0.100" in row and "0.010 ± 0.010" in row and row.endswith("| 2 |")
+    assert "| `full-iid` | full | — | — |" in section and "| 0.520 |" in section
+    assert "`udec-iid`" not in section and "`central`" not in section
+
+
 def test_cli_writes_the_report_and_prints_its_path(runs: list[Path], tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli-out"

@@ -20,19 +20,22 @@ from fedapp.config import FedConfig
 
 
 @cache
-def _opacus() -> Any:
-    """``opacus.accountants``, imported on first use. Importing opacus calls ``logging.basicConfig``
+def load_opacus() -> Any:
+    """``opacus`` with the parts we use, imported on first use. Importing opacus calls ``logging.basicConfig``
     (``opacus.utils.module_utils``), and the root handler it adds would print every log line of the
     process a second time; it is removed again, and a run without privacy never imports opacus."""
     root = logging.getLogger()
     before = list(root.handlers)
+    import opacus
     import opacus.accountants
     import opacus.accountants.utils
+    import opacus.optimizers
+    import opacus.utils.uniform_sampler
 
     for handler in root.handlers[:]:
         if handler not in before:
             root.removeHandler(handler)
-    return opacus.accountants
+    return opacus
 
 
 @dataclass
@@ -62,7 +65,7 @@ class PrivacyAccount:
 
     def _accountant(self) -> Any:
         """Opacus's RDP accountant holding this account's releases."""
-        accountant = _opacus().RDPAccountant()
+        accountant = load_opacus().accountants.RDPAccountant()
         accountant.history = list(self.history)
         return accountant
 
@@ -78,7 +81,8 @@ class PrivacyAccount:
 @cache  # a client adding its own noise derives it every round; the search takes a while
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, releases: int) -> float:
     """The noise multiplier after which ``releases`` releases at ``sample_rate`` spend ``target_epsilon``."""
-    return float(_opacus().utils.get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+    get_noise_multiplier = load_opacus().accountants.utils.get_noise_multiplier
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=releases, accountant="rdp"))
 
 

@@ -43,9 +43,9 @@ def clip_update(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]
     return clipped, norm
 
 
-def noise_generator() -> torch.Generator:
-    """A CPU generator seeded from the OS's entropy: noise nobody can reproduce from the config."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def noise_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from the OS's entropy: noise nobody can reproduce from the config."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 def add_noise(tensors: Mapping[str, torch.Tensor], std: float,

@@ -39,6 +39,8 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 IDENTIFIERS = (PARTITION_ID, NUM_PARTITIONS)  # who replied; never averaged
 DP_EPSILON = "dp-epsilon"  # client-level ε at privacy.delta after this round (the server's account)
+DP_SGD_EPSILON = "dp-sgd-epsilon"  # sample-level ε at privacy.delta so far (each client's own account)
+WORST_CASE = (DP_SGD_EPSILON,)  # metrics whose round value is the largest over clients, never a mean
 
 # ---------------------------------------------------------------- named actions (CollaFuse)
 COLLAFUSE = "collafuse"

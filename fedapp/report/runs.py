@@ -6,6 +6,7 @@ runs of older versions can be put side by side.
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from fedapp.files import one_line
-from fedapp.runs.rundir import read_jsonl
+from fedapp.runs.rundir import audit_path, read_jsonl
 
 DASH = "—"
 BASELINE = "centralized"
@@ -237,6 +238,19 @@ def last_grid(run: Run) -> tuple[Path, int] | None:
         if isinstance(rel, str) and (run.path / rel).is_file():
             return run.path / rel, int(num(row.get("round")) or 0)
     return None
+
+
+def read_audit(run: Run) -> dict[str, Any] | None:
+    """The membership audit of the run's final model (``fedapp audit``), when one was made and reads."""
+    path = audit_path(run.path / "final.pt")
+    try:
+        audit = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(audit, dict) and isinstance(audit.get("clients"), list) and all(
+        isinstance(c, dict) and num(c.get("auc")) is not None and num(c.get("tpr@1%fpr")) is not None
+        for c in audit["clients"])
+    return audit if ok else None
 
 
 def clients(run: Run) -> str:

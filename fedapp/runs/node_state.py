@@ -12,7 +12,7 @@ newest state of an earlier round, so the resumed round repeats exactly what the 
 did. The kinds: ``model`` (the own model, and its EMA when the recipe keeps one),
 ``optimizer`` (the client's Adam state when ``train.optimizer-state = "persist"``), and with
 ``transport.payload = "delta"`` the ``transport-reference`` (by version, not round) and the
-``transport-residual`` (error feedback).
+``transport-residual`` (error feedback), and with DP-SGD the client's ``dp-sgd-account``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ MODEL = "model"
 OPTIMIZER = "optimizer"
 REFERENCE = "transport-reference"  # its "round" is the reference version
 RESIDUAL = "transport-residual"
+DP_SGD_ACCOUNT = "dp-sgd-account"
 MODEL_FILE = f"{MODEL}.pt"
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from fedapp.config import FedConfig
-from fedapp.protocol.keys import DP_EPSILON
+from fedapp.protocol.keys import DP_EPSILON, DP_SGD_EPSILON
 from fedapp.runs.checkpoint import save_checkpoint
 from fedapp.runs.rundir import RunDir
 from fedapp.runs.tracking import Tracker
@@ -92,6 +92,9 @@ def summary_line(row: Row, rounds: int, sent_bytes: int | None = None) -> str:
     epsilon = row.get("train", {}).get(DP_EPSILON)
     if isinstance(epsilon, int | float):
         parts.append(f"ε {epsilon:.2f} spent")
+    sample_epsilon = row.get("train", {}).get(DP_SGD_EPSILON)
+    if isinstance(sample_epsilon, int | float):
+        parts.append(f"DP-SGD ε {sample_epsilon:.2f} (worst client)")
     if sent_bytes is not None:
         parts.append(f"{_megabytes(sent_bytes)} moved so far")
     if "samples" in row:

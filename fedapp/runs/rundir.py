@@ -18,6 +18,11 @@ from fedapp.files import atomic_write_text
 RUN_DIR_LINE = "fedapp run directory: "  # the ServerApp logs it first; the launchers read the path back
 
 
+def audit_path(checkpoint: Path) -> Path:
+    """Where ``fedapp audit`` writes the attack on ``checkpoint`` (``final.pt``: ``final-audit.json``)."""
+    return checkpoint.with_name(f"{checkpoint.stem}-audit.json")
+
+
 @dataclass(frozen=True)
 class RunDir:
     path: Path

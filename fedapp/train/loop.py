@@ -10,7 +10,6 @@ training (FedDiffuse and the centralized baseline) and both halves of CollaFuse
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,10 +21,13 @@ from tqdm.auto import tqdm
 
 from fedapp.data.pixels import to_model_range
 from fedapp.model.diffusion import Diffusion, TimeRange
+from fedapp.privacy.dpsgd import batches_per_call, per_sample_gradients
 from fedapp.train.optim import Recipe, Stepper
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
+
+    from fedapp.privacy.dpsgd import SampleLevelDP
 
 
 @dataclass(frozen=True)
@@ -42,28 +44,32 @@ class TrainResult:
 
 
 def shuffled_batches(n: int, batch_size: int, epochs: int, generator: torch.Generator, device: torch.device, *,
-                     max_batches: int = 0, progress: bool = False,
-                     desc: str = "") -> Iterator[tuple[torch.Tensor, float]]:
+                     max_batches: int = 0, progress: bool = False, desc: str = "",
+                     dp: SampleLevelDP | None = None) -> Iterator[tuple[torch.Tensor, float]]:
     """Index batches of ``epochs`` passes over ``n`` items, each pass in a fresh order from ``generator``.
 
     At most ``max_batches`` (0: all). Each batch comes with the share of the call's batches dealt
-    before it (0 for the first), for the lr decay.
+    before it (0 for the first), for the lr decay. With ``dp`` (DP-SGD) as many Poisson batches
+    instead, each image in each with DP-SGD's sample rate (a batch may be empty).
     """
-    total = epochs * math.ceil(n / batch_size)
-    total = min(total, max_batches) if max_batches else total
+    total = batches_per_call(n, batch_size, epochs, max_batches)
+    picks = dp.batches(n, total, generator) if dp is not None else _passes(n, batch_size, epochs, generator)
     dealt = images = 0
     with tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False) as bar:
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator).to(device)
-            for first in range(0, n, batch_size):
-                if dealt == total:
-                    return
-                pick = order[first : first + batch_size]
-                yield pick, dealt / total
-                dealt, images = dealt + 1, images + len(pick)
-                bar.update()
-                if progress:
-                    bar.set_postfix_str(f"{images / max(bar.format_dict['elapsed'], 1e-9):.0f} img/s", refresh=False)
+        for pick in picks:
+            if dealt == total:
+                return
+            yield pick.to(device), dealt / total
+            dealt, images = dealt + 1, images + len(pick)
+            bar.update()
+            if progress:
+                bar.set_postfix_str(f"{images / max(bar.format_dict['elapsed'], 1e-9):.0f} img/s", refresh=False)
+
+
+def _passes(n: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        yield from order.split(batch_size)
 
 
 @dataclass
@@ -79,8 +85,10 @@ class Tally:
     def __post_init__(self) -> None:
         self.total = torch.zeros((), device=self.device)
 
-    def add(self, loss: torch.Tensor, count: int) -> None:
-        self.total += loss.detach() * count
+    def add(self, loss: torch.Tensor | None, count: int) -> None:
+        """One step's loss over ``count`` images (None: an empty DP-SGD batch, a step of noise alone)."""
+        if loss is not None:
+            self.total += loss.detach() * count
         self.seen += count
         self.steps += 1
 
@@ -118,6 +126,7 @@ def train_local(
     trainable: Iterable[str] | None = None,
     optimizer: Mapping[str, Any] | None = None,
     ema: EMAModel | None = None,
+    dp: SampleLevelDP | None = None,
     progress: bool = False,
     desc: str = "local training",
 ) -> TrainResult:
@@ -126,7 +135,7 @@ def train_local(
     ``trainable`` names the parameters to update (all by default); ``max_steps`` > 0 caps
     the optimizer steps, for quick runs. ``optimizer``: a saved Stepper state to continue
     (a fresh Adam without it); the result carries the state after. ``ema`` is stepped after
-    every optimizer step.
+    every optimizer step. ``dp``: DP-SGD (``fedapp.privacy.dpsgd``) over the trained parameters.
     """
     if len(images) == 0:
         raise ValueError("cannot train on an empty partition")
@@ -139,11 +148,15 @@ def train_local(
     try:
         for name, param in named.items():
             param.requires_grad_(name in keep)
-        stepper = Stepper({n: p for n, p in named.items() if n in keep}, recipe, optimizer)
+        stepper = Stepper({n: p for n, p in named.items() if n in keep}, recipe, optimizer, dp, device)
         if ema is not None:
             ema.to(device)
-        return _epochs(model, diffusion, images, stepper, ema, epochs, batch_size, seed, device, max_steps,
-                       t_range, progress, desc)
+        if dp is None:
+            return _epochs(model, diffusion, images, stepper, ema, epochs, batch_size, seed, device, max_steps,
+                           t_range, progress, desc)
+        with per_sample_gradients(model) as wrapped:
+            return _epochs(wrapped, diffusion, images, stepper, ema, epochs, batch_size, seed, device, max_steps,
+                           t_range, progress, desc, dp)
     finally:
         for param in named.values():
             param.requires_grad_(True)
@@ -163,15 +176,16 @@ def _epochs(
     t_range: TimeRange | None,
     progress: bool,
     desc: str,
+    dp: SampleLevelDP | None = None,
 ) -> TrainResult:
     order_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     source = images.to(device)  # the uint8 partition is small: on a GPU it goes over once, not per batch
     tally = Tally(device)
     for pick, done in shuffled_batches(len(images), batch_size, epochs, order_gen, device, max_batches=max_steps,
-                                       progress=progress, desc=desc):
+                                       progress=progress, desc=desc, dp=dp):
         x0 = to_model_range(source[pick])
-        loss = diffusion.loss(model, x0, t_range, noise_gen)
+        loss = diffusion.loss(model, x0, t_range, noise_gen) if len(pick) else None
         stepper.step(loss, done)
         if ema is not None:
             ema.step(model.parameters())

@@ -16,12 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fedapp.config import TrainConfig
+
+if TYPE_CHECKING:
+    from fedapp.privacy.dpsgd import SampleLevelDP
 
 
 @dataclass(frozen=True)
@@ -63,25 +66,41 @@ class Stepper:
     The saved state keys Adam's moments by parameter name, so it fits a later call that trains a
     different subset (USplit's per-round parts with ``train.scope = "shared"``): moments of names
     not trained now are carried along unchanged, and names never seen start fresh.
+
+    With ``dp`` (DP-SGD, ``fedapp.privacy.dpsgd``) Opacus's ``DPOptimizer`` wraps the Adam: it clips
+    each image's gradient and adds the noise before Adam steps, and the global clip is not applied.
     """
 
     def __init__(self, named: Mapping[str, nn.Parameter], recipe: Recipe,
-                 state: Mapping[str, Any] | None = None) -> None:
+                 state: Mapping[str, Any] | None = None, dp: SampleLevelDP | None = None,
+                 device: torch.device | None = None) -> None:
         self.names, self.params, self.recipe = list(named), list(named.values()), recipe
-        self.optimizer = torch.optim.Adam(self.params, lr=recipe.lr)
+        adam = torch.optim.Adam(self.params, lr=recipe.lr)
+        self.dp = dp
+        self.optimizer = dp.optimizer(adam, device or torch.device("cpu")) if dp is not None else adam
         self.steps = 0
         self.carried: dict[str, Any] = {}
         if state is not None:
             self.load_state_dict(state)
 
-    def step(self, loss: torch.Tensor, done: float = 0.0) -> None:
-        """One optimizer step on ``loss``; ``done``: the share of this call's batches already taken."""
+    def step(self, loss: torch.Tensor | None, done: float = 0.0) -> None:
+        """One optimizer step on ``loss``; ``done``: the share of this call's batches already taken.
+
+        ``loss`` None: an empty Poisson batch under DP-SGD, whose step is the noise alone.
+        """
         lr = self.recipe.lr_at(self.steps, done)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.recipe.grad_clip:
+        if loss is not None:
+            loss.backward()
+        elif self.dp is not None:
+            from fedapp.privacy.dpsgd import empty_batch_gradients
+
+            empty_batch_gradients(self.params)
+        else:
+            raise ValueError("a step without a loss is an empty DP-SGD batch; this trainer has no DP-SGD")
+        if self.recipe.grad_clip and self.dp is None:
             torch.nn.utils.clip_grad_norm_(self.params, self.recipe.grad_clip)
         self.optimizer.step()
         self.steps += 1
