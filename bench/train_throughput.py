@@ -6,9 +6,11 @@ batch on the same real images, interleaved in one process so machine noise hits 
 * plain: a textbook DDPM step written without any fedapp code;
 * train_local: fedapp's training function alone;
 * clientapp: the real ClientApp ``train`` handler, called as a SuperNode would call it
-  (config, data share, model build, arrays in, training, arrays out).
+  (config, data share, model build, arrays in, training, arrays out);
+* with ``--dp-sgd``, train_local with DP-SGD (Opacus: per-image gradients, clip, noise).
 
     python -m bench.train_throughput --dim 16 --batch 64 --steps 60 --repeats 3
+    python -m bench.train_throughput --dim 16 --batch 16 --steps 60 --repeats 3 --dp-sgd
     python -m bench.train_throughput --device cuda --dim 28 --batch 128 --steps 300
 """
 
@@ -26,6 +28,7 @@ from fedapp.config import DataConfig
 from fedapp.data.sources import load_split
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import UNet
+from fedapp.privacy.dpsgd import SampleLevelDP
 from fedapp.train.loop import train_local
 from fedapp.train.optim import Recipe
 
@@ -62,6 +65,15 @@ def local_loop(model: UNet, images: torch.Tensor, batch: int, steps: int, lr: fl
     return result.images_per_s
 
 
+def dp_sgd_loop(model: UNet, images: torch.Tensor, batch: int, steps: int, lr: float, device: torch.device) -> float:
+    """train_local with DP-SGD at σ = 1 and a per-image clip of 1 (Poisson batches of ``batch`` on average)."""
+    part = images[: steps * batch]
+    dp = SampleLevelDP(clip=1.0, noise_multiplier=1.0, sample_rate=batch / len(part), expected_batch=batch)
+    result = train_local(model, Diffusion(), part, epochs=1, batch_size=batch, recipe=Recipe(lr), seed=0,
+                         device=device, max_steps=steps, dp=dp)
+    return result.images_per_s
+
+
 def clientapp_loop(caller: ClientAppCaller, batch: int, steps: int, device: torch.device) -> float:
     """Wall time of the whole handler call, not only its training loop."""
     _sync(device)
@@ -78,6 +90,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dp-sgd", action="store_true", help="also time train_local with DP-SGD")
     args = parser.parse_args()
     device = torch.device(args.device)
     images = load_split(DataConfig(), "train").images
@@ -94,15 +107,21 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rates: dict[str, list[float]] = {"plain": [], "train_local": [], "clientapp": []}
+    if args.dp_sgd:
+        rates["dp-sgd"] = []
     for _ in range(args.repeats):
         rates["plain"].append(plain_loop(model, on_device, args.batch, args.steps, 1e-4, device))
         rates["train_local"].append(local_loop(model, images, args.batch, args.steps, 1e-4, device))
         rates["clientapp"].append(clientapp_loop(caller, args.batch, args.steps, device))
+        if args.dp_sgd:
+            rates["dp-sgd"].append(dp_sgd_loop(model, images, args.batch, args.steps, 1e-4, device))
     best = {k: max(v) for k, v in rates.items()}
     for key, values in rates.items():
         print(f"{key:>12}: best {best[key]:8.1f} img/s   all {', '.join(f'{v:.1f}' for v in values)}")
     for key in ("train_local", "clientapp"):
         print(f"ratio {key}/plain (best of each): {best[key] / best['plain']:.3f}")
+    if args.dp_sgd:
+        print(f"ratio dp-sgd/train_local (best of each): {best['dp-sgd'] / best['train_local']:.3f}")
     if device.type == "cuda":
         print(f"peak GPU memory in this process: allocated {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB, "
               f"reserved {torch.cuda.max_memory_reserved(device) / 2**20:.0f} MiB")

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Issue 21's trade-off: `make run`'s federation (5 clients, 5 rounds, the default recipe) for Full and
 # UDec, without DP and with client-level DP at epsilon 1, 4 and 8 (delta 1e-5, clip 1.0, the server's
-# noise), each run then attacked by `fedapp audit` (loss-based membership inference, every client's
-# images against held-out test images). docs/RESULTS.md holds the table.
+# noise), and Full with sample-level DP-SGD at epsilon 8 (each image's gradient clipped to 1.0), each
+# run then attacked by `fedapp audit` (loss-based membership inference, every client's images against
+# held-out test images). docs/RESULTS.md holds the table.
 #
-# Usage: scripts/privacy_tradeoff.sh OUT_DIR [ARM...]   (about 10 minutes per arm on 2 cores)
+# Usage: scripts/privacy_tradeoff.sh OUT_DIR [ARM...]   (about 10 minutes per arm on 2 cores; the DP-SGD
+# arm about 4 times that, since it computes every image's gradient)
 # A finished arm (final.pt and final-audit.json, or its results in the docs folder) is skipped. Each
 # finished arm's config, metrics, audit and last grid are copied to docs/results/privacy/ARM/
 # (PRIVACY_DOCS overrides the folder) and, with PRIVACY_COMMIT=1, committed there.
@@ -28,8 +30,9 @@ declare -A arms=(
   [udec-dp-eps1]="strategy.name=\"udec\" $dp privacy.target-epsilon=1.0"
   [udec-dp-eps4]="strategy.name=\"udec\" $dp privacy.target-epsilon=4.0"
   [udec-dp-eps8]="strategy.name=\"udec\" $dp privacy.target-epsilon=8.0"
+  [full-dpsgd-eps8]="privacy.sample-clip=1.0 privacy.delta=1e-05 privacy.sample-target-epsilon=8.0"
 )
-order=(full udec udec-dp-eps8 udec-dp-eps4 udec-dp-eps1 full-dp-eps8 full-dp-eps4 full-dp-eps1)
+order=(full udec udec-dp-eps8 udec-dp-eps4 udec-dp-eps1 full-dp-eps8 full-dp-eps4 full-dp-eps1 full-dpsgd-eps8)
 [ $# -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   [ -v "arms[$name]" ] || { echo "unknown arm: $name (known: ${!arms[*]})" >&2; exit 2; }
