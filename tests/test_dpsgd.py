@@ -14,7 +14,7 @@ from client_app.node import sample_level_account
 from fedapp.config import ConfigError, parse_config
 from fedapp.model.build import build_model
 from fedapp.privacy.accounting import PrivacyAccount
-from fedapp.privacy.dpsgd import SampleLevelDP, batches_per_call, per_sample_gradients
+from fedapp.privacy.dpsgd import SampleLevelDP, batches_per_call
 from fedapp.protocol.keys import DP_SGD_EPSILON
 from fedapp.protocol.metrics import weighted_mean_over_clients
 from fedapp.runs.node_state import DP_SGD_ACCOUNT, load_node_round
@@ -52,7 +52,7 @@ def test_opacus_gives_every_unet_layer_the_gradient_of_each_image_alone() -> Non
     assert layers == {"Conv2d", "ConvTranspose2d", "GroupNorm", "Linear"}  # a new kind of layer needs checking here
     x, t, eps = tiny_batch(3)
     alone = one_at_a_time(model, x, t, eps)
-    with per_sample_gradients(model) as wrapped:
+    with SampleLevelDP.per_sample_gradients(model) as wrapped:
         F.mse_loss(wrapped(x, t), eps).backward()
         for name, param in model.named_parameters():
             assert param.grad_sample.shape == (3, *param.shape), name
@@ -69,7 +69,7 @@ def test_a_dp_step_sums_the_clipped_gradients_over_the_expected_batch() -> None:
     clip = float(sorted(norms)[1])  # one image below the bound, two above
     dp = SampleLevelDP(clip=clip, noise_multiplier=0.0, sample_rate=0.5, expected_batch=4)
     stepper = Stepper(dict(model.named_parameters()), Recipe(lr=1e-3, grad_clip=1e-9), dp=dp)
-    with per_sample_gradients(model) as wrapped:
+    with SampleLevelDP.per_sample_gradients(model) as wrapped:
         stepper.step(F.mse_loss(wrapped(x, t), eps))
     for name, param in model.named_parameters():
         want = sum(g[name] * min(1.0, clip / float(n)) for g, n in zip(alone, norms, strict=True)) / 4

@@ -39,7 +39,8 @@ from fedapp.privacy.mechanism import noise_generator
 
 def batches_per_call(n: int, batch_size: int, epochs: int, max_batches: int = 0) -> int:
     """Optimizer steps of one training call: ``epochs`` passes of ``n`` items at ``batch_size``, capped
-    at ``max_batches`` (0: no cap). Shuffled and Poisson batches take the same number."""
+    at ``max_batches`` (0: no cap). Shuffled and Poisson batches take the same number (``fedapp.train.loop``
+    deals them; it is here so that the loop depends on this module, not the other way round)."""
     total = epochs * -(-n // batch_size)
     return min(total, max_batches) if max_batches else total
 
@@ -86,27 +87,26 @@ class SampleLevelDP:
         for indices in sampler:
             yield torch.as_tensor(indices, dtype=torch.long)
 
-    def account(self, account: PrivacyAccount, steps: int) -> PrivacyAccount:
-        """``account`` after ``steps`` more DP-SGD steps (unchanged without noise)."""
+    @staticmethod
+    @contextmanager
+    def per_sample_gradients(model: nn.Module) -> Iterator[nn.Module]:
+        """``model`` wrapped in Opacus's ``GradSampleModule`` (each trained parameter gets ``grad_sample``
+        after a backward pass); the hooks and attributes are removed again on exit."""
+        wrapped: Any = load_opacus().GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        try:
+            with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no gradient
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                yield wrapped
+        finally:
+            wrapped._close()
+
+    @staticmethod
+    def empty_batch(params: list[nn.Parameter]) -> None:
+        """What a backward pass over an empty batch would leave: no per-image gradients, so the step is noise."""
+        for param in params:
+            param.grad_sample = torch.zeros((0, *param.shape), device=param.device, dtype=param.dtype)
+
+    def account(self, account: PrivacyAccount, steps: int) -> None:
+        """Record ``steps`` more DP-SGD steps in ``account`` (nothing without noise)."""
         if self.noise_multiplier and steps:
             account.release(self.noise_multiplier, self.sample_rate, steps)
-        return account
-
-
-@contextmanager
-def per_sample_gradients(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` wrapped in Opacus's ``GradSampleModule`` (each trained parameter gets ``grad_sample``
-    after a backward pass); the hooks and attributes are removed again on exit."""
-    wrapped: Any = load_opacus().GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    try:
-        with warnings.catch_warnings():  # Opacus's hooks on the first layer, whose input needs no gradient
-            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            yield wrapped
-    finally:
-        wrapped._close()
-
-
-def empty_batch_gradients(params: list[nn.Parameter]) -> None:
-    """What a backward pass over an empty batch would leave: no per-image gradients, so the step is noise."""
-    for param in params:
-        param.grad_sample = torch.zeros((0, *param.shape), device=param.device, dtype=param.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -246,9 +247,8 @@ def privacy_section(runs: Sequence[Run]) -> list[str]:
 def _mean_spread(values: Sequence[float], digits: int) -> str:
     if not values:
         return DASH
-    mean = sum(values) / len(values)
-    spread = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-    return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+    mean = statistics.fmean(values)
+    return f"{mean:.{digits}f} ± {statistics.pstdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def reference_section() -> list[str]:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fedapp.data.pixels import to_model_range
 from fedapp.model.diffusion import Diffusion, TimeRange
-from fedapp.privacy.dpsgd import batches_per_call, per_sample_gradients
+from fedapp.privacy.dpsgd import batches_per_call
 from fedapp.train.optim import Recipe, Stepper
 
 if TYPE_CHECKING:
@@ -53,22 +53,23 @@ def shuffled_batches(n: int, batch_size: int, epochs: int, generator: torch.Gene
     instead, each image in each with DP-SGD's sample rate (a batch may be empty).
     """
     total = batches_per_call(n, batch_size, epochs, max_batches)
-    picks = dp.batches(n, total, generator) if dp is not None else _passes(n, batch_size, epochs, generator)
+    picks = dp.batches(n, total, generator) if dp is not None else _passes(n, batch_size, epochs, generator, device)
     dealt = images = 0
     with tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False) as bar:
         for pick in picks:
             if dealt == total:
                 return
-            yield pick.to(device), dealt / total
+            yield pick.to(device), dealt / total  # a pass's order is on the device already: no copy
             dealt, images = dealt + 1, images + len(pick)
             bar.update()
             if progress:
                 bar.set_postfix_str(f"{images / max(bar.format_dict['elapsed'], 1e-9):.0f} img/s", refresh=False)
 
 
-def _passes(n: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def _passes(n: int, batch_size: int, epochs: int, generator: torch.Generator,
+            device: torch.device) -> Iterator[torch.Tensor]:
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(device)  # once a pass, not once a batch
         yield from order.split(batch_size)
 
 
@@ -154,7 +155,7 @@ def train_local(
         if dp is None:
             return _epochs(model, diffusion, images, stepper, ema, epochs, batch_size, seed, device, max_steps,
                            t_range, progress, desc)
-        with per_sample_gradients(model) as wrapped:
+        with dp.per_sample_gradients(model) as wrapped:
             return _epochs(wrapped, diffusion, images, stepper, ema, epochs, batch_size, seed, device, max_steps,
                            t_range, progress, desc, dp)
     finally:

@@ -95,9 +95,7 @@ class Stepper:
         if loss is not None:
             loss.backward()
         elif self.dp is not None:
-            from fedapp.privacy.dpsgd import empty_batch_gradients
-
-            empty_batch_gradients(self.params)
+            self.dp.empty_batch(self.params)
         else:
             raise ValueError("a step without a loss is an empty DP-SGD batch; this trainer has no DP-SGD")
         if self.recipe.grad_clip and self.dp is None:
