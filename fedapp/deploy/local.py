@@ -53,10 +53,12 @@ class LocalDeployment:
     def __init__(self, workdir: Path, num_nodes: int, port: int | None = None, *,
                  env: Mapping[str, str] | None = None, link_env: Mapping[str, str] | None = None,
                  startup_timeout: float = 60.0, grace: float = 10.0, tls_dir: Path | None = None,
-                 auth: bool = False) -> None:
+                 auth: bool = False, database: bool = True) -> None:
         """`env` goes to every process; `link_env` only to the SuperLink and the ServerApp it starts.
 
         `tls_dir` holds what scripts/make_certs.sh writes; `auth` (needs it) admits registered nodes only.
+        `database`: the SuperLink keeps its state and every message's objects in workdir/state.db, so it
+        survives a restart; without, in memory (Flower's default), which moves messages faster.
         """
         if auth and tls_dir is None:
             raise ValueError("SuperNode authentication needs TLS: pass tls_dir as well")
@@ -72,6 +74,7 @@ class LocalDeployment:
         self.node_ports = [p for p in ports if p != self.port][:num_nodes]
         self.flwr_home = self.workdir / "flwr-home"
         self.startup_timeout, self.grace = startup_timeout, grace
+        self.database = database
         self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
@@ -87,9 +90,9 @@ class LocalDeployment:
         (self.workdir / "pids.txt").write_text("")  # for cleaning up by hand if this process is killed
         self._write_connection()
         try:
-            link = self._start("superlink", "flower-superlink", "--port", str(self.port),
-                               "--database", str(self.workdir / "state.db"), *self._link_security(),
-                               env=self.link_env)
+            state = ["--database", str(self.workdir / "state.db")] if self.database else []
+            link = self._start("superlink", "flower-superlink", "--port", str(self.port), *state,
+                               *self._link_security(), env=self.link_env)
             self._wait_for_port(self.port, "superlink", link)
             # A node whose key is not registered yet is refused at once, so register first.
             keys = [self._node_key(i) for i in range(self.num_nodes)] if self.auth else []
