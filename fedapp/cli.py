@@ -76,6 +76,16 @@ def _out_dir(text: str) -> Path:
     return path
 
 
+def _ray_address(text: str) -> str:
+    from fedapp.deploy.ray_cluster import parse_ray_address
+
+    try:
+        parse_ray_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--ray-address ")) from None
+    return text.strip()
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -256,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
     clients = f"num-supernodes={args.clients}" if args.clients and not args.connection else ""
     federation = " ".join(filter(None, [clients, args.resources]))
     return launch(args.app.resolve(), merged_run_config(args.run_config), args.flwr_args, federation,
-                  args.connection)
+                  args.connection, args.ray_address or "")
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -288,7 +298,8 @@ def _resume(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="fedapp-resume-") as tmp:
         run_config = Path(tmp) / "run-config.toml"
         run_config.write_text(tomli_w.dumps(cfg.model_dump(by_alias=True)))
-        return launch(args.app.resolve(), [str(run_config)], args.flwr_args, connection=args.connection)
+        return launch(args.app.resolve(), [str(run_config)], args.flwr_args, connection=args.connection,
+                      ray_address=args.ray_address or "")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -406,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--app", type=_app_dir, default=".", help="the app folder (default: .)")
     resume.add_argument("--connection", default="",
                         help="flwr connection, e.g. a deployment's (default: flwr's default)")
+    resume.add_argument("--ray-address", type=_ray_address, default=None, metavar="HOST:PORT",
+                        help="run the simulation on this running Ray cluster (its head's ray start --port)")
     resume.set_defaults(func=_resume, flwr_args=[])
 
     run = sub.add_parser("run", help="flwr run with a SuperLink of its own; exit 1 unless every round finished",
@@ -418,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="'key=value ...' or a TOML file, as for flwr run (repeatable)")
     run.add_argument("--app", type=_app_dir, default=".", help="the app folder (default: .)")
     run.add_argument("--connection", default="", help="a flwr connection (default: a local simulation)")
+    run.add_argument("--ray-address", type=_ray_address, default=None, metavar="HOST:PORT",
+                     help="run the simulation on this running Ray cluster (its head's ray start --port; "
+                          "docs/ray-cluster.md)")
     run.set_defaults(func=_run, flwr_args=[])
     return parser
 

@@ -23,6 +23,7 @@ from flwr.common.config import parse_config_args
 
 from fedapp.config import flatten, run_config_arg
 from fedapp.deploy.processes import free_ports, stop_pids, superlink_pids
+from fedapp.deploy.ray_cluster import RAY_ADDRESS, ray_env
 from fedapp.runs.rundir import RUN_DIR_LINE, unfinished
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,8 +32,10 @@ BIN = Path(sys.executable).parent  # flwr starts flower-superlink by name, from 
 
 
 def simulation_env(home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """An environment for ``flwr``: its own FLWR_HOME and SuperLink ports, this venv first on PATH."""
+    """An environment for ``flwr``: its own FLWR_HOME and SuperLink ports, this venv first on PATH, and
+    a Ray of its own unless RAY_ADDRESS names one (``fedapp.deploy.ray_cluster``)."""
     env = dict(os.environ if base is None else base)
+    env.setdefault(RAY_ADDRESS, "local")
     http_port, control_port = free_ports(2)
     env.update({
         "FLWR_HOME": str(home),
@@ -91,15 +94,21 @@ def _stream(command: list[str], env: Mapping[str, str]) -> tuple[int, Path | Non
 
 
 def launch(app: Path, run_config: list[str], flwr_args: list[str], federation_config: str = "",
-           connection: str = "") -> int:
+           connection: str = "", ray_address: str = "") -> int:
     """``flwr run`` of ``app``; exit 0 only if the run it started logged every round and wrote final.pt.
 
     Without ``connection`` it is a local simulation: a SuperLink on ports of its own under this
-    FLWR_HOME (default ``app/.flwr``), stopped when the run ends.
+    FLWR_HOME (default ``app/.flwr``), stopped when the run ends. Its Ray is one of its own, or the
+    running cluster at ``ray_address`` (HOST:PORT of its head; see ``fedapp.deploy.ray_cluster``).
     """
     local = not connection
+    if ray_address and not local:
+        raise ValueError(f"--ray-address is for a local simulation; the SuperLink of {connection!r} starts "
+                         "its simulation's Ray itself: set RAY_ADDRESS where it runs")
     home = Path(os.environ.get("FLWR_HOME") or app / ".flwr").resolve()
     env = simulation_env(home) if local else dict(os.environ)
+    if local:  # before the SuperLink starts: it, and the simulation it starts, inherit RAY_ADDRESS
+        env.update(ray_env(env, ray_address, federation_config))
     command = flwr_command(app, run_config, federation_config, connection, flwr_args)
     before = set(superlink_pids(home)) if local else set()
     started = time.time()
