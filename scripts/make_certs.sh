@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Certificates and keys for a TLS + SuperNode-authenticated Flower deployment on loopback:
 #
-#     scripts/make_certs.sh DIR [NODES]
+#     scripts/make_certs.sh DIR [NODES [ADDRESS...]]
 #
 # DIR gets ca.key/ca.crt (a throwaway CA), server.key/server.pem (the SuperLink's, signed by the CA,
-# valid for 127.0.0.1 and localhost) and node-<i> (private) + node-<i>.pub for i in 0..NODES-1
+# valid for 127.0.0.1, localhost and each ADDRESS: an IP address or a host name, for a SuperLink that
+# others reach at that address) and node-<i> (private) + node-<i>.pub for i in 0..NODES-1
 # (default 2), the SuperNodes' authentication keys. For tests and local tries only: nothing here is protected by a
 # passphrase. Uses openssl and ssh-keygen.
 #
@@ -14,10 +15,25 @@
 #   flower-supernode --root-certificates DIR/ca.crt --auth-supernode-private-key DIR/node-0 ...
 set -euo pipefail
 
-usage="usage: $0 DIR [NODES]"
+usage="usage: $0 DIR [NODES [ADDRESS...]]"
 dir=${1:?$usage}
 nodes=${2:-2}
 [[ $nodes =~ ^[0-9]+$ ]] || { echo "$0: NODES must be a number, got '$nodes'" >&2; exit 2; }
+san="IP:127.0.0.1, DNS:localhost"
+for address in "${@:3}"; do
+    if [[ $address =~ ^([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})$ ]]; then
+        for octet in "${BASH_REMATCH[@]:1}"; do
+            ((10#$octet <= 255)) || { echo "$0: ADDRESS '$address' is not an IPv4 address" >&2; exit 2; }
+        done
+        san+=", IP:$address"
+    elif [[ $address == *:* ]]; then
+        san+=", IP:$address"  # IPv6; openssl refuses a malformed one below
+    elif [[ $address =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]]; then
+        san+=", DNS:$address"
+    else
+        echo "$0: ADDRESS must be an IP address or a host name, got '$address'" >&2; exit 2
+    fi
+done
 
 # Never overwrite keys: a running SuperLink or registered node may still use them.
 if [[ -d $dir && -n $(ls -A "$dir") ]]; then
@@ -39,16 +55,17 @@ openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days "$days" -subj "/CN=fedap
 # the SAN only, never the CN.
 openssl req -newkey rsa:2048 -nodes -sha256 -subj "/CN=localhost" \
     -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
-cat > "$dir/server.ext" <<'EOF'
+cat > "$dir/server.ext" <<EOF
 basicConstraints = CA:FALSE
 keyUsage = critical, digitalSignature, keyEncipherment
 extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectAltName = $san
 authorityKeyIdentifier = keyid
 subjectKeyIdentifier = hash
 EOF
 openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
-    -days "$days" -sha256 -extfile "$dir/server.ext" -out "$dir/server.pem" 2>/dev/null
+    -days "$days" -sha256 -extfile "$dir/server.ext" -out "$dir/server.pem" 2>/dev/null \
+    || { echo "$0: openssl could not sign the SuperLink's certificate for '$san'" >&2; exit 1; }
 rm -f "$dir/server.csr" "$dir/server.ext" "$dir/ca.srl"
 
 # SuperNode keys: Flower 1.41 reads the private key with load_ssh_private_key and the public key

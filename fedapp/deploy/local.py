@@ -20,6 +20,10 @@ SuperNode authentication, as a real federation would run:
 `--tls-dir` gives the SuperLink the CA, its certificate and key, and the SuperNodes and `flwr` the CA to
 check it. `--auth` makes the SuperLink accept only SuperNodes whose public key was registered: the keys
 node-<i>.pub are registered with `flwr supernode register` before SuperNode i starts with node-<i>.
+
+`placement` (fedapp/deploy/netns.py) runs the SuperLink, each SuperNode and `flwr` in network namespaces
+of their own, so the deployment crosses real interfaces: the SuperLink then listens on its namespace's
+address only, which its certificate must name (scripts/make_certs.sh DIR N ADDRESS).
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
 from fedapp.config import parse_overrides, run_config_arg, toml_value
+from fedapp.deploy.netns import Place, Placement
 from fedapp.deploy.processes import HOST, alive, descendants, free_ports, kill, signal_group
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,12 +59,13 @@ class LocalDeployment:
     def __init__(self, workdir: Path, num_nodes: int, port: int | None = None, *,
                  env: Mapping[str, str] | None = None, link_env: Mapping[str, str] | None = None,
                  startup_timeout: float = 60.0, grace: float = 10.0, tls_dir: Path | None = None,
-                 auth: bool = False, database: bool = True) -> None:
+                 auth: bool = False, database: bool = True, placement: Placement | None = None) -> None:
         """`env` goes to every process; `link_env` only to the SuperLink and the ServerApp it starts.
 
         `tls_dir` holds what scripts/make_certs.sh writes; `auth` (needs it) admits registered nodes only.
         `database`: the SuperLink keeps its state and every message's objects in workdir/state.db, so it
         survives a restart; without, in memory (Flower's default), which moves messages faster.
+        `placement` says which network namespace each process runs in; by default all are on loopback.
         """
         if auth and tls_dir is None:
             raise ValueError("SuperNode authentication needs TLS: pass tls_dir as well")
@@ -72,6 +79,8 @@ class LocalDeployment:
         ports = free_ports(num_nodes + 1)
         self.port = port or ports[0]
         self.node_ports = [p for p in ports if p != self.port][:num_nodes]
+        self.placement = placement or Placement()
+        self.address = f"{self.placement.superlink.address}:{self.port}"  # what nodes and `flwr` dial
         self.flwr_home = self.workdir / "flwr-home"
         self.startup_timeout, self.grace = startup_timeout, grace
         self.database = database
@@ -83,26 +92,28 @@ class LocalDeployment:
         self.node_ids: list[int] = []  # as registered with --auth, in node order
 
     def __enter__(self) -> LocalDeployment:
-        with socket.socket() as sock:  # else the wait below could take another program for the SuperLink
+        place = self.placement.superlink
+        with place.socket() as sock:  # else the wait below could take another program for the SuperLink
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((HOST, self.port))
+            sock.bind((place.address, self.port))
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "pids.txt").write_text("")  # for cleaning up by hand if this process is killed
         self._write_connection()
         try:
             state = ["--database", str(self.workdir / "state.db")] if self.database else []
             link = self._start("superlink", "flower-superlink", "--port", str(self.port), *state,
-                               *self._link_security(), env=self.link_env)
-            self._wait_for_port(self.port, "superlink", link)
+                               *self._link_security(), env=self.link_env, place=place, host=place.address)
+            self._wait_for_port(self.port, "superlink", link, place, place.address)
             # A node whose key is not registered yet is refused at once, so register first.
             keys = [self._node_key(i) for i in range(self.num_nodes)] if self.auth else []
             self.node_ids = [self.register(key) for key in keys]
             nodes = [self._start(f"supernode-{i}", "flower-supernode", "--port", str(node_port),
                                  *self._node_security(keys[i] if keys else None),
-                                 "--node-config", f"partition-id={i} num-partitions={self.num_nodes}")
+                                 "--node-config", f"partition-id={i} num-partitions={self.num_nodes}",
+                                 place=self.placement.supernode(i))
                      for i, node_port in enumerate(self.node_ports)]
-            for i, (node_port, node) in enumerate(zip(self.node_ports, nodes)):
-                self._wait_for_port(node_port, f"supernode-{i}", node)  # fails here, not mid-run
+            for i, (node_port, node) in enumerate(zip(self.node_ports, nodes)):  # fails here, not mid-run
+                self._wait_for_port(node_port, f"supernode-{i}", node, self.placement.supernode(i))
             if self.auth:
                 self._wait_online(nodes)
         except BaseException:
@@ -121,7 +132,7 @@ class LocalDeployment:
                     else "insecure = true\n")
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{HOST}:{self.port}"\n{security}')
+            f'address = "{self.address}"\n{security}')
 
     def _link_security(self) -> list[str]:
         """One certificate serves the Fleet, Control and Runtime APIs; its SuperExec gets the CA from it."""
@@ -133,7 +144,7 @@ class LocalDeployment:
 
     def _node_security(self, key: Path | None) -> list[str]:
         """TLS to the SuperLink only: a node's own Runtime API for its ClientApps stays plain on loopback."""
-        link = ["--superlink", f"{HOST}:{self.port}"]
+        link = ["--superlink", self.address]
         if self.tls_dir is None:
             return ["--insecure", *link]
         return [*link, "--root-certificates", str(self.tls_dir / "ca.crt"),
@@ -144,8 +155,8 @@ class LocalDeployment:
 
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """A `flwr` command against this deployment's Flower home."""
-        return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, env=self.env,
-                              cwd=self.workdir, timeout=timeout, check=False)
+        return subprocess.run(self.placement.flwr.command([str(BIN / "flwr"), *args]), capture_output=True,
+                              text=True, env=self.env, cwd=self.workdir, timeout=timeout, check=False)
 
     def register(self, key: Path) -> int:
         """`flwr supernode register` for the private key `key` (its `.pub` beside it); the node id.
@@ -165,8 +176,8 @@ class LocalDeployment:
             raise RuntimeError(f"flwr supernode list failed:\n{done.stdout}{done.stderr}")
         return listing["nodes"]
 
-    def start_node(self, key: Path | None, name: str = "supernode-extra",
-                   node_config: str = "") -> tuple[subprocess.Popen[bytes], Path]:
+    def start_node(self, key: Path | None, name: str = "supernode-extra", node_config: str = "",
+                   place: Place | None = None) -> tuple[subprocess.Popen[bytes], Path]:
         """One more SuperNode, stopped with the rest; with --auth, one with an unregistered key is refused.
 
         Returns the process and its log; the caller waits for it as it sees fit.
@@ -174,14 +185,19 @@ class LocalDeployment:
         (port,) = free_ports(1)  # the ports of running nodes are taken, so never handed out here
         args = [*self._node_security(Path(key).resolve() if key else None), "--port", str(port)]
         proc = self._start(name, "flower-supernode", *args,
-                           *(["--node-config", node_config] if node_config else []))
+                           *(["--node-config", node_config] if node_config else []), place=place)
         return proc, self.workdir / f"{name}.log"
 
-    def _start(self, name: str, program: str, *args: str,
-               env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """A session of its own, so a Ctrl-C reaches only us and its group holds most of what it spawns."""
+    def _start(self, name: str, program: str, *args: str, env: Mapping[str, str] | None = None,
+               place: Place | None = None, host: str = HOST) -> subprocess.Popen[bytes]:
+        """A session of its own, so a Ctrl-C reaches only us and its group holds most of what it spawns.
+
+        It runs in `place` (its network namespace), listening on `host` there: a SuperNode's API for its
+        ClientApps stays on its namespace's loopback, the SuperLink listens on its place's address.
+        """
+        place = place or Place()
         handle = (self.workdir / f"{name}.log").open("wb")
-        proc = subprocess.Popen([str(BIN / program), "--host", HOST, *args], stdout=handle,
+        proc = subprocess.Popen(place.command([str(BIN / program), "--host", host, *args]), stdout=handle,
                                 stderr=subprocess.STDOUT, env=env or self.env, cwd=self.workdir,
                                 start_new_session=True)
         self.procs.append((proc, handle))
@@ -189,18 +205,20 @@ class LocalDeployment:
             pids.write(f"{proc.pid} {name}\n")
         return proc
 
-    def _wait_for_port(self, port: int, name: str, proc: subprocess.Popen[bytes]) -> None:
+    def _wait_for_port(self, port: int, name: str, proc: subprocess.Popen[bytes], place: Place,
+                       host: str = HOST) -> None:
+        """`host`:`port` dialled from `place`'s network namespace, where `proc` runs."""
         log_path = self.workdir / f"{name}.log"
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {proc.returncode}; see {log_path}")
-            try:
-                socket.create_connection((HOST, port), timeout=1.0).close()
+            with place.socket() as sock, suppress(OSError):
+                sock.settimeout(1.0)
+                sock.connect((host, port))
                 return
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError(f"{name} did not accept connections on {HOST}:{port} "
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} did not accept connections on {host}:{port} "
                            f"within {self.startup_timeout:.0f} s; see {log_path}")
 
     def _wait_online(self, nodes: list[subprocess.Popen[bytes]]) -> None:
@@ -244,6 +262,7 @@ class LocalDeployment:
         command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--stream"]
         if run_config:
             command += ["--run-config", run_config_arg(run_config)]
+        command = self.placement.flwr.command(command)
         expired = threading.Event()
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=self.env, cwd=app, start_new_session=True) as proc:
@@ -301,7 +320,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `kill` still stops the deployment
     security = "plaintext" if args.tls_dir is None else "TLS, registered nodes only" if args.auth else "TLS"
     with LocalDeployment(workdir, args.nodes, args.port, tls_dir=args.tls_dir, auth=args.auth) as deployment:
-        print(f"SuperLink on {HOST}:{deployment.port} ({security}), {args.nodes} SuperNodes; "
+        print(f"SuperLink on {deployment.address} ({security}), {args.nodes} SuperNodes; "
               f"logs in {workdir}", flush=True)
         result = deployment.run(config, args.timeout, echo=True)
     print(f"\nflwr run exited with {result.returncode}. Logs: {workdir}/superlink.log, "
