@@ -31,6 +31,7 @@ from client_app.node import (
 )
 from fedapp.data.pixels import to_uint8
 from fedapp.eval.disclosure import audit_upload
+from fedapp.log import phase
 from fedapp.model.build import build_diffusion
 from fedapp.model.unet import unet_parts
 from fedapp.privacy.dpsgd import SampleLevelDP
@@ -72,7 +73,9 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    phase("train", "start")
     cfg, pid, num, data = node_job(context)
+    phase("train", "data ready")
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
     device = pick_device(cfg.train.device)
     report = report_parts(msg.content[CONFIG])
@@ -83,6 +86,7 @@ def train(msg: Message, context: Context) -> Message:
     report_keys = parts_keys(report, unet_parts(model))
     received = {k: v.detach().clone() for k, v in model.state_dict().items() if k in report_keys}
     dp = SampleLevelDP.for_partition(cfg, len(data.train))
+    phase("train", "model ready")
     result = train_local(
         model,
         build_diffusion(cfg),
@@ -100,6 +104,7 @@ def train(msg: Message, context: Context) -> Message:
         progress=cfg.output.progress,
         desc=f"client {pid} round {server_round}",
     )
+    phase("train", "computed")
     inject_fault(cfg, pid, server_round)
     privacy = private_update(cfg, model, received)
     if dp is not None:
@@ -119,17 +124,21 @@ def train(msg: Message, context: Context) -> Message:
     save_trained(cfg, directory, model, result, ema, pid, server_round, own_model=personal)
     reply = upload(cfg, msg, local, report_keys, pid, server_round, seed=upload_seed(cfg.seed, server_round, pid))
     reply[METRICS] = metrics
+    phase("train", "reply ready")
     return Message(reply, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    phase("evaluate", "start")
     cfg, pid, _, data = node_job(context)
+    phase("evaluate", "data ready")
     device = pick_device(cfg.train.device)
     server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0))  # type: ignore[call-overload]
     model = personal_model(cfg, msg, context, pid, upto=server_round or None, sampling=True).model
     cap = cfg.eval.max_val_examples or len(data.val)
     images = data.val.images[:cap]
+    phase("evaluate", "model ready")
     loss = denoising_loss(
         model, build_diffusion(cfg), images,
         batch_size=cfg.eval.batch_size, seed=eval_seed(cfg.seed, pid), device=device,
@@ -142,7 +151,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         if meter.enabled:
             scores, _ = meter.measure(model, build_diffusion(cfg))
             metrics.update(scores)  # the server reports their mean ± std over clients
-    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+    phase("evaluate", "computed")
+    reply = Message(RecordDict({METRICS: metrics}), reply_to=msg)
+    phase("evaluate", "reply ready")
+    return reply
 
 
 

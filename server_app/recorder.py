@@ -32,8 +32,9 @@ from fedapp.runs.node_state import collect_node_models, state_root
 from fedapp.runs.rows import RoundClock, Row, close_round, quality_entry, summary_line
 from fedapp.runs.rundir import RunDir
 from fedapp.runs.tracking import Tracker
-from fedapp.train.ema import RoundEMA, ema_state, load_ema
+from fedapp.train.ema import ema_state, load_ema
 from fedapp.train.loop import pick_device
+from fedapp.train.round_ema import RoundEMA
 from server_app.metering import MeteredGrid
 from strategies.validation import canonical_metrics, is_count
 

@@ -16,9 +16,10 @@ from fedapp.config import ConfigError, TrainConfig, parse_config
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import build_unet
 from fedapp.runs.node_state import OPTIMIZER, load_node_model, load_node_round, sampling_weights
-from fedapp.train.ema import RoundEMA, ema_state, ema_weights, load_ema, make_ema
+from fedapp.train.ema import ema_state, ema_weights, load_ema, make_ema
 from fedapp.train.loop import shuffled_batches, train_local
 from fedapp.train.optim import Recipe, Stepper
+from fedapp.train.round_ema import RoundEMA
 from tests.support.inprocess import run_inprocess
 
 CPU = torch.device("cpu")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from fedapp.model.diffusion import Diffusion
 
@@ -19,7 +18,13 @@ DATA_RANGE = 2.0  # images live in [-1, 1]
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per-image structural similarity (Gaussian window, torchmetrics' defaults)."""
+    """Per-image structural similarity (Gaussian window, torchmetrics' defaults).
+
+    torchmetrics is imported here: it pulls in torchvision and scipy (2-3 s), which every ClientApp
+    process of a deployment would otherwise pay on a training message that never scores SSIM.
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     if len(images) == 0:
         return torch.empty(0)
     side = min(images.shape[-2:])

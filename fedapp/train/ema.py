@@ -8,26 +8,32 @@ Where the EMA lives depends on who holds the trained model:
   ULatDec and UDec, CollaFuse's client models) has an EMA over every optimizer step, kept where
   the model is (in the run's checkpoint, or on the node's disk beside the private parts);
 * a global model (Full, USplit) is known to the server only once a round, so the server keeps
-  its EMA, one update a round: :class:`RoundEMA` raises the per-step decay to the round's mean
+  its EMA, one update a round: :class:`fedapp.train.round_ema.RoundEMA` raises the per-step decay to the round's mean
   local steps, so one round of k steps counts as k steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers.training_utils import EMAModel
 from torch import nn
 
 from fedapp.config import TrainConfig
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 
 def make_ema(model: nn.Module, cfg: TrainConfig, state: Mapping[str, Any] | None = None) -> EMAModel | None:
     """An EMA of ``model``'s parameters (None when ``train.ema-decay`` is 0), restored from ``state``."""
     if not cfg.ema_decay:
         return None
+    # imported here: diffusers.training_utils loads diffusers' models (about 1 s), which a ClientApp
+    # process whose EMA lives on the server (Full, USplit) never needs
+    from diffusers.training_utils import EMAModel
+
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
     if state is not None:
         load_ema(ema, model, state)
@@ -53,26 +59,3 @@ def ema_weights(ema: EMAModel, model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s state dict with its parameters replaced by their averages (buffers as they are)."""
     shadows = dict(zip((name for name, _ in model.named_parameters()), ema.shadow_params, strict=True))
     return {key: shadows.get(key, value).detach().cpu().clone() for key, value in model.state_dict().items()}
-
-
-class RoundEMA(EMAModel):
-    """The server's EMA of a global model: one update a round, worth that round's local steps.
-
-    ``EMAModel`` counts one step per update; here the count and the warm-up follow the clients'
-    optimizer steps, and the decay of one update is the per-step decay to the power of the steps.
-    """
-
-    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
-        super().__init__(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
-        self.round_steps = 1
-
-    def update(self, model: nn.Module, local_steps: int) -> None:
-        """Average in ``model`` after a round in which each client took ``local_steps`` steps."""
-        self.round_steps = max(int(local_steps), 1)
-        self.step(model.parameters())
-        self.optimization_step += self.round_steps - 1  # step() counted one
-
-    def get_decay(self, optimization_step: int) -> float:
-        # step() has added 1 to the count; the round's steps run from there
-        per_step = super().get_decay(optimization_step + self.round_steps - 1)
-        return per_step ** self.round_steps
