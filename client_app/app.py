@@ -55,6 +55,7 @@ from fedapp.protocol.keys import (
     upload_seed,
 )
 from fedapp.protocol.methods import is_personalized, parts_keys
+from fedapp.protocol.packing import packing_mod
 from fedapp.protocol.records import (
     decode_array,
     decode_record,
@@ -68,7 +69,7 @@ from fedapp.train.optim import Recipe
 
 __all__ = ["app", "node_partition"]
 
-app = ClientApp()
+app = ClientApp(mods=[packing_mod])
 
 
 @app.train()

@@ -20,6 +20,7 @@ from fedapp.protocol.comm import CommLedger
 from fedapp.protocol.delta import RESYNC, ReferenceChain, add_change, quantizer_for, state_digest
 from fedapp.protocol.keys import ARRAYS, CONFIG, INIT_DIGEST, TRANSPORT, TRANSPORT_BASE, TRANSPORT_VERSION
 from fedapp.protocol.methods import SHARED_PARTS, shared_keys
+from fedapp.protocol.packing import PackingProblem, is_packed, pack_record, unpack_content
 from fedapp.protocol.records import ArrayProblem, decode_array, encode_state, recast_record, record_dtypes
 from server_app.grid_wrapper import GridWrapper
 from server_app.metering import MeteredGrid
@@ -171,10 +172,45 @@ class DeltaGrid(GridWrapper):
         return reply
 
 
+class PackedGrid(GridWrapper):
+    """``transport.pack``: outgoing ArrayRecords joined into one object each, replies unpacked.
+
+    It sits below the metering, so the ledger counts the arrays as the strategies know them; a reply
+    whose packed record does not add up becomes an error reply naming why.
+    """
+
+    def __init__(self, inner: Grid, pack: bool) -> None:
+        super().__init__(inner)
+        self.pack = pack
+
+    def outgoing(self, messages: list[Message]) -> list[Message]:
+        if not self.pack:
+            return messages
+        # Strategies put one ArrayRecord object in many messages: pack each object once.
+        packed: dict[int, ArrayRecord] = {}
+        for msg in messages:
+            for key, record in list(msg.content.array_records.items()):
+                if id(record) not in packed:
+                    packed[id(record)] = pack_record(record) if len(record) > 1 and not is_packed(record) else record
+                msg.content[key] = packed[id(record)]
+        return messages
+
+    def incoming(self, replies: list[Message]) -> list[Message]:
+        out = []
+        for reply in replies:
+            try:
+                if not reply.has_error():
+                    unpack_content(reply.content)
+            except PackingProblem as err:
+                reply = _error_reply(reply, f"dropped: {err}")
+            out.append(reply)
+        return out
+
+
 def server_grid(grid: Grid, ledger: CommLedger, cfg: FedConfig,
                 init: torch.nn.Module) -> tuple[TransportGrid | DeltaGrid, MeteredGrid]:
     """(what the strategy talks to, the metering layer below it); ``init`` is the seeded initial model."""
-    metered = MeteredGrid(grid, ledger)
+    metered = MeteredGrid(PackedGrid(grid, cfg.transport.pack), ledger)
     if cfg.transport.payload == "delta" and cfg.strategy.name in SHARED_PARTS:
         state = init.state_dict()
         chain = ReferenceChain.start(state, shared_keys(cfg.strategy.name, unet_parts(state)))

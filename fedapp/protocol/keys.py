@@ -28,6 +28,8 @@ TRANSPORT_BASE = "transport-base"  # ... the version they apply to (-1: they are
 INIT_DIGEST = "init-digest"  # ... version 0's fingerprint, for the node's seeded rebuild
 
 # ---------------------------------------------------------------- array keys
+PACKED = "packed"  # transport.pack: a record's arrays joined into one (fedapp.protocol.packing)
+PACKED_LAYOUT = "packed-layout"  # ... and where each one starts
 X_CUT = "x-cut"
 AUDIT_X0 = "audit-x0"
 IMAGES = "images"

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client_app.app import app as real
 from fedapp.protocol.keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND
+from fedapp.protocol.packing import unpack_content
 
 app = ClientApp()
 
@@ -49,6 +50,7 @@ ATTACKS = {1: ("NaN num-examples", _nan_weight), 2: ("bytes of another shape", _
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     reply = real(msg, context)
+    unpack_content(reply.content)  # attack the arrays themselves; the server takes unpacked replies too
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
     if int(context.node_config.get("partition-id", -1)) == 0 and server_round in ATTACKS:
         ATTACKS[server_round][1](reply.content[ARRAYS], reply.content[METRICS])

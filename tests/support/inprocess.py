@@ -16,6 +16,7 @@ from client_app.app import app as client_app
 from fedapp.config import FedConfig, parse_config
 from fedapp.model.build import build_model
 from fedapp.protocol.comm import CommLedger
+from fedapp.protocol.packing import is_packed, unpack_record
 from fedapp.protocol.records import model_to_record
 from fedapp.runs.node_state import node_dir, state_root
 from server_app.transport import server_grid
@@ -60,8 +61,9 @@ class InProcessRun:
         self.sent.append(msg)
         reply = client_app(msg, context)  # routed by message type, named actions included
         self.replies.append(reply)
-        for message in (msg, reply):
-            self.dtypes.append({a.dtype for r in message.content.array_records.values() for a in r.values()})
+        for message in (msg, reply):  # the ClientApp's mod unpacked msg in place; the reply is still packed
+            records = [unpack_record(r) if is_packed(r) else r for r in message.content.array_records.values()]
+            self.dtypes.append({a.dtype for r in records for a in r.values()})
         return reply
 
     def start(self, initial: ArrayRecord | None = None) -> tuple[ArrayRecord, ArrayRecord]:
