@@ -36,15 +36,16 @@ from pathlib import Path
 from typing import Any
 
 from fedapp.config import parse_overrides
-from fedapp.deploy.local import REPO, LocalDeployment
+from fedapp.deploy.local import REPO, SUPEREXEC_POLL, LocalDeployment
 
 SMALL = ("model.dim=8 model.dim-mults=1,2 data.max-train-examples=400 train.rounds=3 "
          "train.max-steps-per-round=2 train.batch-size=16 train.num-threads=1 eval.every=0 "
          "eval.metric-samples=0 eval.fid=off output.progress=false")
-# What the deployment's processes get unless --untuned: the SuperExec looks for a new task every 0.1 s
-# instead of every 1 s (the SuperNode's own 3 s poll is fixed in Flower), and the SuperLink keeps its
-# state in memory (Flower's default) rather than in LocalDeployment's state.db.
-TUNED_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+# What the deployment's processes get unless --untuned: LocalDeployment's SuperExec poll of 0.1 s (the
+# SuperNode's own 3 s poll is fixed in Flower), and the SuperLink's state in memory (Flower's default)
+# rather than in LocalDeployment's state.db. --untuned restores Flower's 1 s poll and the database.
+TUNED_ENV = SUPEREXEC_POLL
+UNTUNED_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\S*:?\s+(.*)")
 SERVER_EVENTS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
@@ -273,7 +274,7 @@ def main() -> None:
         parser.error("--auth needs --tls-dir")
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fedapp-deployment-cost-"))).resolve()
     config = run_config(args.nodes, workdir, args.rounds, args.extra_config)
-    env = {} if args.untuned else TUNED_ENV
+    env = UNTUNED_ENV if args.untuned else TUNED_ENV
     security = "TLS + auth" if args.auth else "TLS" if args.tls_dir else "plaintext"
     settings = f"{security}, {'untuned (state.db)' if args.untuned else 'tuned (in-memory state) ' + str(TUNED_ENV)}"
     result: dict[str, Any] = {"machine": machine(), "nodes": args.nodes, "rounds": args.rounds,

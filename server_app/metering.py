@@ -25,9 +25,11 @@ class MeteredGrid(GridWrapper):
     writes itself (a node gone, a message expired) come from node 1, the SuperLink.
     """
 
-    def __init__(self, inner: Grid, ledger: CommLedger) -> None:
+    def __init__(self, inner: Grid, ledger: CommLedger, packed: bool = False) -> None:
+        """``packed``: a PackedGrid below packs what goes out (and honest nodes what comes back), so
+        the ledger's ``wire`` is taken on the packed form; params and bytes on the arrays themselves."""
         super().__init__(inner)
-        self.ledger = ledger
+        self.ledger, self.packed = ledger, packed
         self.current_round = 0
         # Only the metrics of replies are kept: arrays would pile up over the rounds.
         self.metrics: dict[tuple[int, str], list[RecordDict]] = defaultdict(list)
@@ -50,7 +52,7 @@ class MeteredGrid(GridWrapper):
                 if SERVER_ROUND in record:
                     self.current_round = int(record[SERVER_ROUND])  # type: ignore[arg-type]
             self.ledger.add(self.current_round, msg.metadata.dst_node_id, "down",
-                            msg.metadata.message_type, msg.content)
+                            msg.metadata.message_type, msg.content, self.packed)
         return messages
 
     def incoming(self, replies: list[Message]) -> list[Message]:
@@ -59,7 +61,7 @@ class MeteredGrid(GridWrapper):
         for reply in replies:
             content = None if reply.has_error() else reply.content
             node = self._node(reply)
-            self.ledger.add(self.current_round, node, "up", reply.metadata.message_type, content)
+            self.ledger.add(self.current_round, node, "up", reply.metadata.message_type, content, self.packed)
             key = (self.current_round, reply.metadata.message_type.split(".")[0])  # named actions too
             if content is not None:
                 self.metrics[key].append(RecordDict(dict(content.metric_records)))

@@ -175,8 +175,8 @@ class DeltaGrid(GridWrapper):
 class PackedGrid(GridWrapper):
     """``transport.pack``: outgoing ArrayRecords joined into one object each, replies unpacked.
 
-    It sits below the metering, so the ledger counts the arrays as the strategies know them; a reply
-    whose packed record does not add up becomes an error reply naming why.
+    It sits below the metering, so the ledger counts the arrays as the strategies know them (and their
+    packed size as ``wire``); a reply whose packed record does not add up becomes an error reply naming why.
     """
 
     def __init__(self, inner: Grid, pack: bool) -> None:
@@ -210,7 +210,7 @@ class PackedGrid(GridWrapper):
 def server_grid(grid: Grid, ledger: CommLedger, cfg: FedConfig,
                 init: torch.nn.Module) -> tuple[TransportGrid | DeltaGrid, MeteredGrid]:
     """(what the strategy talks to, the metering layer below it); ``init`` is the seeded initial model."""
-    metered = MeteredGrid(PackedGrid(grid, cfg.transport.pack), ledger)
+    metered = MeteredGrid(PackedGrid(grid, cfg.transport.pack), ledger, packed=cfg.transport.pack)
     if cfg.transport.payload == "delta" and cfg.strategy.name in SHARED_PARTS:
         state = init.state_dict()
         chain = ReferenceChain.start(state, shared_keys(cfg.strategy.name, unet_parts(state)))

@@ -23,7 +23,7 @@ from fedapp.protocol.packing import (
     packing_mod,
     unpack_record,
 )
-from fedapp.protocol.records import encode_state, model_to_record
+from fedapp.protocol.records import encode_state, model_to_record, wire_bytes
 from server_app.metering import MeteredGrid
 from server_app.transport import PackedGrid
 from strategies import Full
@@ -110,7 +110,7 @@ def test_the_server_packs_each_shared_record_once_and_a_bad_packed_reply_becomes
                        reply_to=msg)
 
     ledger = CommLedger()
-    grid = MeteredGrid(PackedGrid(FakeGrid([1, 2], respond), pack=True), ledger)
+    grid = MeteredGrid(PackedGrid(FakeGrid([1, 2], respond), pack=True), ledger, packed=True)
     result = Full(min_train_nodes=1, min_available_nodes=2, fraction_evaluate=0.0).start(
         grid=grid, initial_arrays=initial, num_rounds=1)
     assert all(is_packed(r) for r in received) and received[0] is received[1]  # packed once, sent twice
@@ -124,3 +124,15 @@ def test_an_unpacked_peer_still_gets_through() -> None:
     reply = reply_from(3, RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))})}))
     (out,) = PackedGrid(FakeGrid([3], lambda m: m), pack=True).incoming([reply])
     assert not out.has_error() and list(out.content["arrays"].keys()) == ["w"]
+
+
+def test_the_ledger_counts_the_packed_message_on_the_wire_and_the_arrays_as_params() -> None:
+    record = model_to_record(UNet(8, (1, 2), 1))
+    content = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 3})})
+    loose, packed = CommLedger(), CommLedger()
+    a = loose.add(1, 7, "up", "train", content)
+    b = packed.add(1, 7, "up", "train", content, packed=True)
+    assert a.params == b.params == 88_133 and a.bytes == b.bytes
+    assert b.wire == wire_bytes(RecordDict({"arrays": pack_record(record), "metrics": content["metrics"]}))
+    assert b.wire < a.wire  # the per-tensor object heads no longer travel
+    assert list(content["arrays"].keys()) == list(record.keys())  # the content itself stays unpacked

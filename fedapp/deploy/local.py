@@ -51,6 +51,9 @@ from fedapp.deploy.processes import HOST, alive, descendants, free_ports, kill, 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the Flower CLIs start flower-superexec and the apps from PATH
 CONNECTION = "local-deployment"
+# Flower's SuperExec looks for a new task every 1 s unless told otherwise, so each message could wait
+# up to a second before its ClientApp starts; every process gets 0.1 s unless the caller exports a value.
+SUPEREXEC_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 class LocalDeployment:
@@ -84,7 +87,7 @@ class LocalDeployment:
         self.flwr_home = self.workdir / "flwr-home"
         self.startup_timeout, self.grace = startup_timeout, grace
         self.database = database
-        self.env = {**os.environ, "FLWR_HOME": str(self.flwr_home),
+        self.env = {**SUPEREXEC_POLL, **os.environ, "FLWR_HOME": str(self.flwr_home),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
         self.link_env = {**self.env, **(link_env or {})}

@@ -9,6 +9,7 @@ from typing import Literal
 from flwr.app import RecordDict
 
 from fedapp.model.unet import part_of
+from fedapp.protocol.packing import packed_copy
 from fedapp.protocol.records import content_size, wire_bytes
 
 Direction = Literal["down", "up"]
@@ -47,9 +48,10 @@ class CommLedger:
         return ledger
 
     def add(self, server_round: int, node_id: int, direction: Direction, message_type: str,
-            content: RecordDict | None) -> Transfer:
+            content: RecordDict | None, packed: bool = False) -> Transfer:
+        """``packed``: the content travelled packed (``transport.pack``), so ``wire`` is its packed size."""
         params, nbytes = content_size(content) if content is not None else (0, 0)
-        wire = wire_bytes(content) if content is not None else 0
+        wire = wire_bytes(packed_copy(content) if packed else content) if content is not None else 0
         transfer = Transfer(server_round, node_id, direction, message_type, params, nbytes, _parts(content), wire)
         self.transfers.append(transfer)
         return transfer

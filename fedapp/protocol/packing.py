@@ -68,6 +68,12 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
     return out
 
 
+def packed_copy(content: RecordDict) -> RecordDict:
+    """A new RecordDict holding ``content`` as it travels packed (``content`` itself is left alone)."""
+    return RecordDict({key: pack_record(record) if isinstance(record, ArrayRecord) and len(record) > 1
+                       and not is_packed(record) else record for key, record in content.items()})
+
+
 def pack_content(content: RecordDict) -> bool:
     """Packs, in place, each ArrayRecord of ``content`` with more than one array; whether any was."""
     packed = False
