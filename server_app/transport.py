@@ -20,7 +20,7 @@ from fedapp.protocol.comm import CommLedger
 from fedapp.protocol.delta import RESYNC, ReferenceChain, add_change, quantizer_for, state_digest
 from fedapp.protocol.keys import ARRAYS, CONFIG, INIT_DIGEST, TRANSPORT, TRANSPORT_BASE, TRANSPORT_VERSION
 from fedapp.protocol.methods import SHARED_PARTS, shared_keys
-from fedapp.protocol.packing import PackingProblem, is_packed, pack_record, unpack_content
+from fedapp.protocol.packing import PackingProblem, packed_form, unpack_content
 from fedapp.protocol.records import ArrayProblem, decode_array, encode_state, recast_record, record_dtypes
 from server_app.grid_wrapper import GridWrapper
 from server_app.metering import MeteredGrid
@@ -191,7 +191,7 @@ class PackedGrid(GridWrapper):
         for msg in messages:
             for key, record in list(msg.content.array_records.items()):
                 if id(record) not in packed:
-                    packed[id(record)] = pack_record(record) if len(record) > 1 and not is_packed(record) else record
+                    packed[id(record)] = packed_form(record)
                 msg.content[key] = packed[id(record)]
         return messages
 

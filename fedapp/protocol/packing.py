@@ -68,19 +68,23 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
     return out
 
 
+def packed_form(record: ArrayRecord) -> ArrayRecord:
+    """``record`` as it travels: packed if it holds more than one array and is not packed yet, else itself."""
+    return pack_record(record) if len(record) > 1 and not is_packed(record) else record
+
+
 def packed_copy(content: RecordDict) -> RecordDict:
     """A new RecordDict holding ``content`` as it travels packed (``content`` itself is left alone)."""
-    return RecordDict({key: pack_record(record) if isinstance(record, ArrayRecord) and len(record) > 1
-                       and not is_packed(record) else record for key, record in content.items()})
+    return RecordDict({key: packed_form(record) if isinstance(record, ArrayRecord) else record
+                       for key, record in content.items()})
 
 
 def pack_content(content: RecordDict) -> bool:
     """Packs, in place, each ArrayRecord of ``content`` with more than one array; whether any was."""
     packed = False
     for key, record in list(content.array_records.items()):
-        if len(record) > 1 and not is_packed(record):
-            content[key] = pack_record(record)
-            packed = True
+        content[key] = packed_form(record)
+        packed = packed or content[key] is not record
     return packed
 
 

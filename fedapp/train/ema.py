@@ -8,8 +8,8 @@ Where the EMA lives depends on who holds the trained model:
   ULatDec and UDec, CollaFuse's client models) has an EMA over every optimizer step, kept where
   the model is (in the run's checkpoint, or on the node's disk beside the private parts);
 * a global model (Full, USplit) is known to the server only once a round, so the server keeps
-  its EMA, one update a round: :class:`fedapp.train.round_ema.RoundEMA` raises the per-step decay to the round's mean
-  local steps, so one round of k steps counts as k steps.
+  its EMA, one update a round: :class:`fedapp.train.round_ema.RoundEMA` raises the per-step
+  decay to the round's mean local steps, so one round of k steps counts as k steps.
 """
 
 from __future__ import annotations
