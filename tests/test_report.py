@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -35,10 +36,10 @@ def _grid(path: Path, shade: int) -> str:
 
 
 def make_run(root: Path, name: str, method: str, partitioner: str, rows: list[dict[str, Any]],
-             labels: bool = False) -> Path:
+             labels: bool = False, seed: int = 0) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    config = {"strategy": {"name": method}, "train": {"rounds": 2, "local-epochs": 1},
+    config = {"seed": seed, "strategy": {"name": method}, "train": {"rounds": 2, "local-epochs": 1},
               "data": {"name": "fashion-mnist", "partitioner": partitioner, "num-partitions": 0},
               "eval": {"sampler": "ddim", "sampler-steps": 50}}
     (run / "config.toml").write_text(tomli_w.dumps(config))
@@ -130,6 +131,66 @@ def test_a_run_without_quality_rows_is_listed_with_a_dash_and_a_note(runs: list[
     assert "`usplit-skew`: no evaluation round with quality metrics yet" in text
     assert "`usplit-skew`: no full run with partitioner label-skew" in text
     assert (out / "mine.txt").read_text() == "keep me"
+
+
+def _scored(fd: float, samples: int = 1000, clients: tuple[float, ...] = (), precision: float = 0.8,
+            recall: float = 0.5) -> dict[str, Any]:
+    quality: dict[str, Any] = {"fd-cnn": fd, "samples": samples, "fd-cnn-precision": precision,
+                               "fd-cnn-recall": recall}
+    row: dict[str, Any] = {"round": 2, "wall_s": 9.0, "quality": quality}
+    if clients:
+        row["per_client"] = {str(i): {"evaluate": {"fd-cnn": v}} for i, v in enumerate(clients)}
+    return row
+
+
+def test_ratio_to_centralized_pairs_each_run_with_the_baseline_of_its_seed(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    runs = [make_run(root, "c0", "centralized", "iid", [_scored(50.0, precision=0.9, recall=0.7)], seed=0),
+            make_run(root, "c1", "centralized", "iid", [_scored(40.0)], seed=1),
+            make_run(root, "udec0", "udec", "iid", [_scored(150.0, clients=(100.0, 200.0), precision=0.82,
+                                                            recall=0.5)], seed=0),
+            make_run(root, "udec1", "udec", "iid", [_scored(160.0, clients=(120.0, 200.0), precision=0.84,
+                                                            recall=0.6)], seed=1),
+            make_run(root, "full0", "full", "label-skew", [_scored(100.0)], seed=0),
+            make_run(root, "full2", "full", "label-skew", [_scored(90.0)], seed=2),
+            make_run(root, "full1", "full", "label-skew", [_scored(90.0, samples=256)], seed=1),
+            make_run(root, "usplit0", "usplit", "iid", [{"round": 1, "wall_s": 3.0}], seed=0)]
+    text = write_report(runs, tmp_path / "out").read_text()
+    section = text[text.index("## Ratio to centralized"):text.index("### Reference")]
+    udec = next(line for line in section.splitlines() if line.startswith("| UDec · iid"))
+    # seed 0: 150 / 50 = 3.0, seed 1: 160 / 40 = 4.0; the clients: 2, 4, 3, 5; the authors: 47.90 / 42.53
+    assert udec == ("| UDec · iid | 0, 1 | 150.0 / 50.0, 160.0 / 40.0 | 3.00, 4.00 | 3.50 ± 0.50 | 2.00–5.00 "
+                    "| 0.830 ± 0.010 | 0.550 ± 0.050 | 1.13 |")
+    full = next(line for line in section.splitlines() if line.startswith("| Full · label-skew"))
+    assert "| 0 | 100.0 / 50.0 | 2.00 | 2.00 (one seed: not yet a result) |" in full and full.endswith("| — |")
+    assert "`full2`: no scored centralized run with seed 2" in section
+    assert "`full1`: scored on 256 samples after round 2, its baseline `c1` on 1000 after round 2" in section
+    assert "`usplit0`: no FD-CNN yet" in section
+
+
+def test_collafuse_settings_are_told_apart_by_their_cut_ratio(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    runs = [make_run(root, "c0", "centralized", "iid", [_scored(50.0)])]
+    for cut, fd in ((0.2, 75.0), (1.0, 100.0)):
+        run = make_run(root, f"cf{cut}", "collafuse", "iid", [_scored(fd)])
+        config = tomllib.loads((run / "config.toml").read_text())
+        (run / "config.toml").write_text(tomli_w.dumps({**config, "collafuse": {"cut-ratio": cut}}))
+        runs.append(run)
+    section = write_report(runs, tmp_path / "out").read_text().split("## Ratio to centralized")[1]
+    assert "| CollaFuse · iid · c = 0.2 | 0 | 75.0 / 50.0 | 1.50 |" in section
+    assert "| CollaFuse · iid · c = 1 | 0 | 100.0 / 50.0 | 2.00 |" in section
+
+
+def test_a_report_without_a_scored_pair_has_no_ratio_section(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "runs", "c0", "centralized", "iid", [_scored(50.0)])
+    assert "## Ratio to centralized" not in write_report([run], tmp_path / "out").read_text()
+
+
+def test_grids_copied_beside_the_metrics_are_found(runs: list[Path], tmp_path: Path) -> None:
+    """docs/results keeps a run's grids next to metrics.jsonl, not under samples/."""
+    shutil.move(runs[0] / "samples" / "round-002.png", runs[0] / "round-002.png")
+    text = write_report(runs, tmp_path / "out").read_text()
+    assert "- `full-iid` (full · iid): [round 2 grid]" in text
 
 
 def test_private_runs_show_their_epsilon_and_audit_and_other_reports_no_privacy_section(

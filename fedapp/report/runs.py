@@ -21,7 +21,7 @@ DASH = "—"
 BASELINE = "centralized"
 PER_ROW = 4  # sample-grid panels per figure row
 DPI = 120
-PAPER_NAMES = {"full": "Full", "usplit": "USplit", "ulatdec": "ULatDec", "udec": "UDec"}
+PAPER_NAMES = {"full": "Full", "usplit": "USplit", "ulatdec": "ULatDec", "udec": "UDec", "collafuse": "CollaFuse"}
 
 
 class Metric(NamedTuple):
@@ -58,7 +58,7 @@ class Run:
     rows: list[dict[str, Any]]
 
     def setting(self, section: str, key: str, default: Any = None) -> Any:
-        value = _dig(self.config, section, key)
+        value = dig(self.config, section, key)
         return default if value is None else value
 
     @property
@@ -86,7 +86,7 @@ class Run:
 # ---------------------------------------------------------------- reading
 
 
-def _dig(obj: Any, *keys: str) -> Any:
+def dig(obj: Any, *keys: str) -> Any:
     """A nested value, or None where any level is missing or not a table (old or partial rows)."""
     for key in keys:
         if not isinstance(obj, dict):
@@ -158,7 +158,7 @@ def load_run(path: Path) -> Run:
         raise ValueError(f"{path} is not a run directory (no config.toml)")
     config = _read_config(path / "config.toml")
     missing = [f"{section}.{key}" for section, key, kind in RUN_KEYS
-               if not isinstance(_dig(config, section, key), kind)]
+               if not isinstance(dig(config, section, key), kind)]
     if missing:
         raise ValueError(f"{path} is not a run directory: its config.toml is not a fedapp run's "
                          f"(no {', '.join(missing)})")
@@ -186,9 +186,9 @@ def load_runs(paths: Sequence[Path]) -> list[Run]:
 def series(run: Run, metric: Metric) -> list[Point]:
     points = []
     for row in run.rows:
-        rnd, value = num(row.get("round")), num(_dig(row, metric.section, metric.key))
+        rnd, value = num(row.get("round")), num(dig(row, metric.section, metric.key))
         if rnd is not None and value is not None:
-            points.append(Point(int(rnd), value, num(_dig(row, metric.section, f"{metric.key}-std"))))
+            points.append(Point(int(rnd), value, num(dig(row, metric.section, f"{metric.key}-std"))))
     return points
 
 
@@ -196,10 +196,10 @@ def comm_series(run: Run) -> list[CommPoint]:
     """Cumulative training traffic (down + up); evaluation traffic is reported on its own."""
     points = []
     for row in run.rows:
-        cum = _dig(row, "comm", "train", "cumulative")
+        cum = dig(row, "comm", "train", "cumulative")
         rnd = num(row.get("round"))
-        params = [num(_dig(cum, f"{d}_params")) for d in ("down", "up")]
-        size = [num(_dig(cum, f"{d}_bytes")) for d in ("down", "up")]
+        params = [num(dig(cum, f"{d}_params")) for d in ("down", "up")]
+        size = [num(dig(cum, f"{d}_bytes")) for d in ("down", "up")]
         if rnd is not None and None not in params:
             points.append(CommPoint(int(rnd), sum(params), sum(v or 0.0 for v in size)))  # type: ignore[arg-type]
     return points
@@ -207,10 +207,10 @@ def comm_series(run: Run) -> list[CommPoint]:
 
 def eval_traffic(run: Run) -> CommPoint | None:
     for row in reversed(run.rows):
-        cum = _dig(row, "comm", "evaluate", "cumulative")
-        params = [num(_dig(cum, f"{d}_params")) for d in ("down", "up")]
+        cum = dig(row, "comm", "evaluate", "cumulative")
+        params = [num(dig(cum, f"{d}_params")) for d in ("down", "up")]
         if None not in params:
-            size = sum(num(_dig(cum, f"{d}_bytes")) or 0.0 for d in ("down", "up"))
+            size = sum(num(dig(cum, f"{d}_bytes")) or 0.0 for d in ("down", "up"))
             return CommPoint(int(num(row.get("round")) or 0), sum(params), size)  # type: ignore[arg-type]
     return None
 
@@ -235,8 +235,12 @@ def full_counterpart(run: Run, runs: Sequence[Run]) -> Run | None:
 def last_grid(run: Run) -> tuple[Path, int] | None:
     for row in reversed(run.rows):
         rel = row.get("samples")
-        if isinstance(rel, str) and (run.path / rel).is_file():
-            return run.path / rel, int(num(row.get("round")) or 0)
+        if not isinstance(rel, str):
+            continue
+        # a run's own folder, or a copy of its results with the grids beside metrics.jsonl (docs/results)
+        for grid in (run.path / rel, run.path / Path(rel).name):
+            if grid.is_file():
+                return grid, int(num(row.get("round")) or 0)
     return None
 
 
@@ -257,7 +261,7 @@ def clients(run: Run) -> str:
     count = num(run.setting("data", "num-partitions"))
     if count and count > 0:
         return str(int(count))
-    per_client = _dig(run.rows[-1], "comm", "per_client") if run.rows else None
+    per_client = dig(run.rows[-1], "comm", "per_client") if run.rows else None
     if isinstance(per_client, dict) and per_client:
         return str(len(per_client))
     return DASH if run.is_baseline else "?"
