@@ -181,6 +181,18 @@ def test_collafuse_settings_are_told_apart_by_their_cut_ratio(tmp_path: Path) ->
     assert "| CollaFuse · iid · c = 1 | 0 | 100.0 / 50.0 | 2.00 |" in section
 
 
+def test_runs_from_before_the_seed_was_written_pair_but_show_no_seed(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    runs = [make_run(root, "c", "centralized", "iid", [_scored(50.0)]),
+            make_run(root, "full", "full", "iid", [_scored(100.0)])]
+    for run in runs:
+        config = tomllib.loads((run / "config.toml").read_text())
+        del config["seed"]
+        (run / "config.toml").write_text(tomli_w.dumps(config))
+    section = write_report(runs, tmp_path / "out").read_text().split("## Ratio to centralized")[1]
+    assert "| Full · iid | ? | 100.0 / 50.0 | 2.00 |" in section
+
+
 def test_a_report_without_a_scored_pair_has_no_ratio_section(tmp_path: Path) -> None:
     run = make_run(tmp_path / "runs", "c0", "centralized", "iid", [_scored(50.0)])
     assert "## Ratio to centralized" not in write_report([run], tmp_path / "out").read_text()

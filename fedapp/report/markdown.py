@@ -228,7 +228,7 @@ def ratio_section(runs: Sequence[Run]) -> list[str]:
         return []
     rows = []
     for (method, partitioner, cut), pairs in groups.items():
-        pairs = sorted(pairs, key=lambda p: p.seed)
+        pairs = sorted(pairs, key=lambda p: -1 if p.seed is None else p.seed)
         cut_label = [] if cut is None else [f"c = {cut:g}"]
         name = " · ".join([PAPER_NAMES.get(method, method), partitioner, *cut_label])
         ratios = [p.ratio for p in pairs]
@@ -237,7 +237,7 @@ def ratio_section(runs: Sequence[Run]) -> list[str]:
         precision = [p.score.precision for p in pairs if p.score.precision is not None]
         recall = [p.score.recall for p in pairs if p.score.recall is not None]
         paper = authors_ratio(method, partitioner)
-        rows.append([name, ", ".join(str(p.seed) for p in pairs),
+        rows.append([name, ", ".join("?" if p.seed is None else str(p.seed) for p in pairs),
                      ", ".join(f"{p.score.fd:.1f} / {p.baseline.fd:.1f}" for p in pairs),
                      ", ".join(f"{r:.2f}" for r in ratios), pooled,
                      f"{min(clients):.2f}–{max(clients):.2f}" if len(clients) > 1 else DASH,

@@ -37,7 +37,7 @@ class Score(NamedTuple):
 
 
 class SeedRatio(NamedTuple):
-    seed: int
+    seed: int | None  # None: a config from before ``seed`` was written
     score: Score
     baseline: Score
 
@@ -114,6 +114,6 @@ def seed_ratios(runs: Sequence[Run]) -> tuple[dict[Setting, list[SeedRatio]], li
                          f"its baseline `{base_run.name}` on {base.samples} after round {base.round}: "
                          "no ratio.")
             continue
-        groups.setdefault(setting(run), []).append(SeedRatio(seed(run) or 0, score, base))
+        groups.setdefault(setting(run), []).append(SeedRatio(seed(run), score, base))
     return groups, notes
 
