@@ -60,6 +60,11 @@ def seed(run: Run) -> int | None:
     return None if value is None else int(value)
 
 
+def pairing(run: Run) -> tuple[int | None, str]:
+    """What a run and its baseline share: the seed and the dataset."""
+    return seed(run), str(run.setting("data", "name", "?"))
+
+
 def final_score(run: Run) -> Score | None:
     """The last round with an FD-CNN; a personalized run's clients each score their own model."""
     for row in reversed(run.rows):
@@ -94,7 +99,7 @@ def seed_ratios(runs: Sequence[Run]) -> tuple[dict[Setting, list[SeedRatio]], li
     for run in runs:
         score = final_score(run) if run.is_baseline else None
         if score is not None:
-            baselines.setdefault((seed(run), str(run.setting("data", "name", "?"))), (run, score))
+            baselines.setdefault(pairing(run), (run, score))
     groups: dict[Setting, list[SeedRatio]] = {}
     notes = []
     for run in runs:
@@ -104,9 +109,9 @@ def seed_ratios(runs: Sequence[Run]) -> tuple[dict[Setting, list[SeedRatio]], li
         if score is None:
             notes.append(f"- `{run.name}`: no FD-CNN yet, so no ratio.")
             continue
-        found = baselines.get((seed(run), str(run.setting("data", "name", "?"))))
+        found = baselines.get(pairing(run))
         if found is None:
-            notes.append(f"- `{run.name}`: no scored centralized run with seed {seed(run)} in this report.")
+            notes.append(f"- `{run.name}`: no scored centralized run with seed {pairing(run)[0]} in this report.")
             continue
         base_run, base = found
         if (base.samples, base.round) != (score.samples, score.round):
@@ -114,6 +119,5 @@ def seed_ratios(runs: Sequence[Run]) -> tuple[dict[Setting, list[SeedRatio]], li
                          f"its baseline `{base_run.name}` on {base.samples} after round {base.round}: "
                          "no ratio.")
             continue
-        groups.setdefault(setting(run), []).append(SeedRatio(seed(run), score, base))
+        groups.setdefault(setting(run), []).append(SeedRatio(pairing(run)[0], score, base))
     return groups, notes
-
