@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import tomli_w
 from PIL import Image
 
 from fedapp.cli import main
+from fedapp.report import figures
 from fedapp.report.htmlpage import write_html
 from fedapp.report.markdown import comm_reduction, load_run, write_report
 
@@ -168,6 +170,38 @@ def test_ratio_to_centralized_pairs_each_run_with_the_baseline_of_its_seed(tmp_p
     assert "`usplit0`: no FD-CNN yet" in section
 
 
+def test_the_ratio_figure_draws_each_seed_each_client_model_and_the_authors_ratio(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "runs"
+    runs = [make_run(root, "c0", "centralized", "iid", [_scored(50.0)], seed=0),
+            make_run(root, "c1", "centralized", "iid", [_scored(40.0)], seed=1),
+            make_run(root, "udec0", "udec", "iid", [_scored(150.0, clients=(100.0, 200.0))], seed=0),
+            make_run(root, "udec1", "udec", "iid", [_scored(160.0, clients=(120.0, 200.0))], seed=1),
+            make_run(root, "full0", "full", "iid", [_scored(100.0)], seed=0)]
+    drawn: dict[str, plt.Figure] = {}
+    save = figures._save
+
+    def keep(fig: plt.Figure, path: Path) -> Path:
+        drawn[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    out = tmp_path / "out"
+    assert "![ratio to centralized per setting](ratios.png)" in write_report(runs, out).read_text()
+    assert (out / "ratios.png").stat().st_size > 0
+    (ax,) = drawn["ratios.png"].axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["UDec · iid", "Full · iid"]
+    points = {c.get_label(): sorted(map(tuple, np.round(c.get_offsets().data, 2).tolist())) for c in ax.collections}
+    # UDec on row 0: seed 0 is 150 / 50, seed 1 is 160 / 40, the clients 2, 4, 3, 5; Full on row 1: 100 / 50
+    assert points["seed 0"] == [(3.0, 0.0)]  # the second setting's seed 0 is unlabelled, drawn once per legend
+    assert points["seed 1"] == [(4.0, 0.0)]
+    assert points["a client's own model"] == [(2.0, 0.0), (3.0, 0.0), (4.0, 0.0), (5.0, 0.0)]
+    assert points["mean over seeds"] == [(3.5, 0.0)]
+    assert points["authors (Inception FID)"] == [(1.13, 0.0)]  # 47.90 / 42.53; the paper gives no Full FID
+    full = [tuple(xy) for c in ax.collections for xy in np.round(c.get_offsets().data, 2).tolist() if xy[1] == 1.0]
+    assert sorted(full) == [(2.0, 1.0), (2.0, 1.0)]  # its one seed and its mean; one global model, no grey dots
+
+
 def test_collafuse_settings_are_told_apart_by_their_cut_ratio(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     runs = [make_run(root, "c0", "centralized", "iid", [_scored(50.0)])]
@@ -196,6 +230,7 @@ def test_runs_from_before_the_seed_was_written_pair_but_show_no_seed(tmp_path: P
 def test_a_report_without_a_scored_pair_has_no_ratio_section(tmp_path: Path) -> None:
     run = make_run(tmp_path / "runs", "c0", "centralized", "iid", [_scored(50.0)])
     assert "## Ratio to centralized" not in write_report([run], tmp_path / "out").read_text()
+    assert not (tmp_path / "out" / "ratios.png").exists()
 
 
 def test_grids_copied_beside_the_metrics_are_found(runs: list[Path], tmp_path: Path) -> None:
@@ -272,10 +307,10 @@ def test_html_report_is_the_markdown_one_with_every_image_inside(runs: list[Path
     assert "not comparable in absolute value with FD-CNN" in page and "<h2>Samples</h2>" in page
     assert not re.search(r'(?:src|href)="(?!data:)[^"]*\.png"', page)  # nothing left to fetch
     images = _embedded(page)
-    assert len(images) == 9  # 6 figures and the 3 linked round grids
-    figures = [(out / name).read_bytes() for name in ("quality-fd-cnn.png", "communication.png", "samples.png",
-                                                     "labels-udec-iid.png")]
-    assert all(figure in images for figure in figures)
+    assert len(images) == 10  # 7 figures and the 3 linked round grids
+    drawn = [(out / name).read_bytes() for name in ("quality-fd-cnn.png", "communication.png", "samples.png",
+                                                   "labels-udec-iid.png", "ratios.png")]
+    assert all(figure in images for figure in drawn)
     assert images.count((runs[0] / "samples" / "round-002.png").read_bytes()) == 3
     assert page.count('download="round-002.png"') == 3
 

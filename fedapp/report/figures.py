@@ -1,5 +1,6 @@
 """Every figure fedapp draws (matplotlib, no display needed): quality and communication per round,
-the last sample grids side by side, and the analytic cumulative communication (``fedapp comm``)."""
+the last sample grids side by side, each setting's ratio to centralized beside the authors', and the
+analytic cumulative communication (``fedapp comm``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedapp.report.ratios import SeedRatio  # noqa: E402
 from fedapp.report.runs import DPI, PER_ROW, Metric, Run, comm_series, series  # noqa: E402
 
 # ---------------------------------------------------------------- figures
@@ -82,6 +84,45 @@ def plot_samples(grids: Sequence[tuple[Run, Path, int]], path: Path) -> Path | N
         ax.imshow(image, interpolation="nearest", **gray)
         where = "all data" if run.is_baseline else run.partitioner
         ax.set_title(f"{run.method} · {where}\n{run.name}, round {rnd}", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_ratios(rows: Sequence[tuple[str, Sequence[SeedRatio], float | None]], path: Path) -> Path | None:
+    """One line per setting: every client model's ratio (grey), each seed's (colour), their mean (bar),
+    and the authors' FID ratio (red cross), against the centralized baseline at 1."""
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.45 * len(rows)))
+    seeds = sorted({p.seed for _, pairs, _ in rows for p in pairs}, key=lambda s: -1 if s is None else s)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labelled: set[str] = set()
+
+    def once(label: str) -> str | None:
+        """Each legend entry once, however many settings draw it."""
+        if label in labelled:
+            return None
+        labelled.add(label)
+        return label
+
+    for y, (_, pairs, paper) in enumerate(rows):
+        models = [r for p in pairs for r in p.client_ratios if len(p.client_ratios) > 1]
+        if models:
+            ax.scatter(models, [y] * len(models), s=14, color="0.6", zorder=2, label=once("a client's own model"))
+        for pair in pairs:
+            index = seeds.index(pair.seed)
+            ax.scatter([pair.ratio], [y], s=40, color=colours[index % len(colours)], zorder=3,
+                       label=once(f"seed {'?' if pair.seed is None else pair.seed}"))
+        mean = sum(p.ratio for p in pairs) / len(pairs)
+        ax.scatter([mean], [y], s=300, marker="|", color="black", zorder=4, label=once("mean over seeds"))
+        if paper is not None:
+            ax.scatter([paper], [y], s=50, marker="x", color="tab:red", zorder=4, label=once("authors (Inception FID)"))
+    ax.axvline(1.0, color="black", linestyle="--", linewidth=1, label="centralized")
+    ax.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("FD-CNN over the centralized baseline's at the same seed (lower is better)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from fedapp.protocol.keys import DP_EPSILON, DP_SGD_EPSILON
 from fedapp.report import reference as ref
-from fedapp.report.figures import plot_comm, plot_metric, plot_samples
+from fedapp.report.figures import plot_comm, plot_metric, plot_ratios, plot_samples
 from fedapp.report.ratios import authors_ratio, seed_ratios
 from fedapp.report.runs import (
     BASELINE,
@@ -221,12 +221,12 @@ def _run_notes(run: Run, runs: Sequence[Run]) -> list[str]:
     return notes
 
 
-def ratio_section(runs: Sequence[Run]) -> list[str]:
+def ratio_section(runs: Sequence[Run], out: Path) -> list[str]:
     """Each setting's FD-CNN over the baseline's at the same seed, pooled over seeds; nothing without a pair."""
     groups, notes = seed_ratios(runs)
     if not groups and not notes:
         return []
-    rows = []
+    rows, plotted = [], []
     for (method, partitioner, cut), pairs in groups.items():
         pairs = sorted(pairs, key=lambda p: -1 if p.seed is None else p.seed)
         cut_label = [] if cut is None else [f"c = {cut:g}"]
@@ -237,6 +237,7 @@ def ratio_section(runs: Sequence[Run]) -> list[str]:
         precision = [p.score.precision for p in pairs if p.score.precision is not None]
         recall = [p.score.recall for p in pairs if p.score.recall is not None]
         paper = authors_ratio(method, partitioner)
+        plotted.append((name, pairs, paper))
         rows.append([name, ", ".join("?" if p.seed is None else str(p.seed) for p in pairs),
                      ", ".join(f"{p.score.fd:.1f} / {p.baseline.fd:.1f}" for p in pairs),
                      ", ".join(f"{r:.2f}" for r in ratios), pooled,
@@ -254,6 +255,8 @@ def ratio_section(runs: Sequence[Run]) -> list[str]:
     if rows:
         lines += _table(["setting", "seeds", "FD-CNN / baseline's, per seed", "ratio per seed",
                          "ratio over seeds", "models' ratios", "precision", "recall", "authors' ratio"], rows)
+    if plot_ratios(plotted, out / "ratios.png"):
+        lines += ["", "![ratio to centralized per setting](ratios.png)"]
     if notes:
         lines += ["", "Not in the table:", "", *notes]
     return lines
@@ -316,7 +319,7 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     sections = [header_section(runs), quality_section(runs, out), comm_section(runs, out),
                 samples_section(runs, out), labels_section(runs, out), results_section(runs),
-                ratio_section(runs), privacy_section(runs), reference_section()]
+                ratio_section(runs, out), privacy_section(runs), reference_section()]
     path = out / "report.md"
     path.write_text("\n\n".join("\n".join(s).strip() for s in sections if s) + "\n")
     return path
