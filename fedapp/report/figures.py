@@ -5,6 +5,7 @@ analytic cumulative communication (``fedapp comm``)."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def plot_ratios(rows: Sequence[tuple[str, Sequence[SeedRatio], float | None]], p
             index = seeds.index(pair.seed)
             ax.scatter([pair.ratio], [y], s=40, color=colours[index % len(colours)], zorder=3,
                        label=once(f"seed {'?' if pair.seed is None else pair.seed}"))
-        mean = sum(p.ratio for p in pairs) / len(pairs)
+        mean = statistics.fmean(p.ratio for p in pairs)
         ax.scatter([mean], [y], s=300, marker="|", color="black", zorder=4, label=once("mean over seeds"))
         if paper is not None:
             ax.scatter([paper], [y], s=50, marker="x", color="tab:red", zorder=4, label=once("authors (Inception FID)"))
