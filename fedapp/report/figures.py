@@ -16,7 +16,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedapp.report.ratios import SeedRatio  # noqa: E402
+from fedapp.report.ratios import SeedRatio, seed_label, seed_order  # noqa: E402
 from fedapp.report.runs import DPI, PER_ROW, Metric, Run, comm_series, series  # noqa: E402
 
 # ---------------------------------------------------------------- figures
@@ -94,7 +94,7 @@ def plot_ratios(rows: Sequence[tuple[str, Sequence[SeedRatio], float | None]], p
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 0.8 + 0.45 * len(rows)))
-    seeds = sorted({p.seed for _, pairs, _ in rows for p in pairs}, key=lambda s: -1 if s is None else s)
+    seeds = sorted({p.seed for _, pairs, _ in rows for p in pairs}, key=seed_order)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labelled: set[str] = set()
 
@@ -112,7 +112,7 @@ def plot_ratios(rows: Sequence[tuple[str, Sequence[SeedRatio], float | None]], p
         for pair in pairs:
             index = seeds.index(pair.seed)
             ax.scatter([pair.ratio], [y], s=40, color=colours[index % len(colours)], zorder=3,
-                       label=once(f"seed {'?' if pair.seed is None else pair.seed}"))
+                       label=once(f"seed {seed_label(pair.seed)}"))
         mean = statistics.fmean(p.ratio for p in pairs)
         ax.scatter([mean], [y], s=300, marker="|", color="black", zorder=4, label=once("mean over seeds"))
         if paper is not None:

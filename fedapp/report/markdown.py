@@ -18,7 +18,7 @@ from urllib.parse import quote
 from fedapp.protocol.keys import DP_EPSILON, DP_SGD_EPSILON
 from fedapp.report import reference as ref
 from fedapp.report.figures import plot_comm, plot_metric, plot_ratios, plot_samples
-from fedapp.report.ratios import authors_ratio, seed_ratios
+from fedapp.report.ratios import authors_ratio, seed_label, seed_order, seed_ratios
 from fedapp.report.runs import (
     BASELINE,
     DASH,
@@ -228,7 +228,7 @@ def ratio_section(runs: Sequence[Run], out: Path) -> list[str]:
         return []
     rows, plotted = [], []
     for (method, partitioner, cut), pairs in groups.items():
-        pairs = sorted(pairs, key=lambda p: -1 if p.seed is None else p.seed)
+        pairs = sorted(pairs, key=lambda p: seed_order(p.seed))
         cut_label = [] if cut is None else [f"c = {cut:g}"]
         name = " · ".join([PAPER_NAMES.get(method, method), partitioner, *cut_label])
         ratios = [p.ratio for p in pairs]
@@ -238,7 +238,7 @@ def ratio_section(runs: Sequence[Run], out: Path) -> list[str]:
         recall = [p.score.recall for p in pairs if p.score.recall is not None]
         paper = authors_ratio(method, partitioner)
         plotted.append((name, pairs, paper))
-        rows.append([name, ", ".join("?" if p.seed is None else str(p.seed) for p in pairs),
+        rows.append([name, ", ".join(seed_label(p.seed) for p in pairs),
                      ", ".join(f"{p.score.fd:.1f} / {p.baseline.fd:.1f}" for p in pairs),
                      ", ".join(f"{r:.2f}" for r in ratios), pooled,
                      f"{min(clients):.2f}–{max(clients):.2f}" if len(clients) > 1 else DASH,

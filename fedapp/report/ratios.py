@@ -60,6 +60,15 @@ def seed(run: Run) -> int | None:
     return None if value is None else int(value)
 
 
+def seed_order(value: int | None) -> int:
+    """Seeds in ascending order, a config without one first."""
+    return -1 if value is None else value
+
+
+def seed_label(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
 def pairing(run: Run) -> tuple[int | None, str]:
     """What a run and its baseline share: the seed and the dataset."""
     return seed(run), str(run.setting("data", "name", "?"))
@@ -109,9 +118,10 @@ def seed_ratios(runs: Sequence[Run]) -> tuple[dict[Setting, list[SeedRatio]], li
         if score is None:
             notes.append(f"- `{run.name}`: no FD-CNN yet, so no ratio.")
             continue
-        found = baselines.get(pairing(run))
+        key = pairing(run)
+        found = baselines.get(key)
         if found is None:
-            notes.append(f"- `{run.name}`: no scored centralized run with seed {pairing(run)[0]} in this report.")
+            notes.append(f"- `{run.name}`: no scored centralized run with seed {key[0]} in this report.")
             continue
         base_run, base = found
         if (base.samples, base.round) != (score.samples, score.round):
@@ -119,5 +129,5 @@ def seed_ratios(runs: Sequence[Run]) -> tuple[dict[Setting, list[SeedRatio]], li
                          f"its baseline `{base_run.name}` on {base.samples} after round {base.round}: "
                          "no ratio.")
             continue
-        groups.setdefault(setting(run), []).append(SeedRatio(pairing(run)[0], score, base))
+        groups.setdefault(setting(run), []).append(SeedRatio(key[0], score, base))
     return groups, notes
