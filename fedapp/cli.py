@@ -14,7 +14,12 @@ import copy
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedapp.config import FedConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,6 +130,9 @@ def _sample(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model, cfg, payload = load_checkpoint(checkpoint, device=device)
     clients = payload["extra"].get("clients") or {}
+    if args.classes and (cfg.data.name, image_shape(cfg.data)) != ("fashion-mnist", (1, 28)):
+        raise ValueError(f"--classes: the FD-CNN classifier knows fashion-mnist at 28 px; {checkpoint} "
+                         f"is {cfg.data.name} at {image_shape(cfg.data)[1]} px")
     split = cfg.strategy.name == "collafuse" and cfg.collafuse.cut(cfg.diffusion.timesteps) > 0
     if split and args.client is None:
         raise ValueError(f"{checkpoint} is a CollaFuse run: the server's model owns only "
@@ -159,9 +167,31 @@ def _sample(args: argparse.Namespace) -> int:
     who = f"-client{args.client}" if args.client is not None else ""
     out = args.out or checkpoint.with_name(f"{checkpoint.stem}{who}-{sampler}{steps}-seed{args.seed}.png")
     save_grid(samples, out)
+    if args.classes:
+        print(_class_report(cfg, samples, args.client, len(clients)))
     print(f"wrote {len(samples)} samples ({sampler}-{steps}) from round {payload['round']} of {checkpoint} "
           f"to {out}")
     return 0
+
+
+def _class_report(cfg: FedConfig, samples: torch.Tensor, client: int | None, num_clients: int) -> str:
+    """``fedapp sample --classes``: the classifier's count of each class among ``samples``, beside the
+    class shares of the training pool and, for a client's model, of that client's training images."""
+    import numpy as np
+
+    from fedapp.data.share import local_data, training_pool
+    from fedapp.data.sources import CLASS_NAMES
+    from fedapp.eval.classes import class_counts, class_table
+    from fedapp.eval.classifier import find_classifier, load_classifier
+
+    net, _ = load_classifier(find_classifier(cfg.eval.fd_cnn_weights))
+    names = CLASS_NAMES[cfg.data.name]
+    references = {"training pool": np.bincount(training_pool(cfg.data, cfg.seed).labels.numpy(),
+                                               minlength=len(names))}
+    if client is not None:
+        own = local_data(cfg.data, cfg.seed, client, cfg.data.num_partitions or num_clients).train.labels
+        references[f"client {client}'s data"] = np.bincount(own.numpy(), minlength=len(names))
+    return class_table(class_counts(net, samples.cpu()), names, references)
 
 
 def _comm(args: argparse.Namespace) -> int:
@@ -364,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     sample.add_argument("--client", type=natural, default=None,
                         help="personalized and CollaFuse runs: this client's own model (its partition id)")
+    sample.add_argument("--classes", action="store_true",
+                        help="fashion-mnist: print how many samples the FD-CNN classifier puts in each class, "
+                             "beside each class's share of the training data")
     sample.set_defaults(func=_sample)
 
     comm = sub.add_parser("comm", help="analytic communication of the four FedDiffuse methods")

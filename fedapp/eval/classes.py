@@ -1,0 +1,60 @@
+"""Which garments a model draws: the FD-CNN classifier's verdict on its samples, class by class.
+
+A Fréchet distance says that samples and data differ, not how. Under label skew the usual way is a
+class the federation under-draws: FedAvg averages clients that each see few of it, and the global
+model forgets it. Precision and recall hardly see that (every drawn trouser is still a good
+trouser), but the class shares do. ``fedapp sample --classes`` prints them beside the shares of the
+data the model learned from: the training pool for a global model, the client's own partition for
+a client's model (where a personalized model is *meant* to follow its owner's classes).
+
+The classifier is the one FD-CNN's features come from (test accuracy 0.92), so a share is exact
+only to its errors; compare two models' shares, or a model's with its data's, not one share alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fedapp.data.pixels import to_model_range
+from fedapp.eval.classifier import NUM_CLASSES, FeatureCNN
+
+__all__ = ["class_counts", "class_table"]
+
+
+@torch.no_grad()
+def class_counts(net: FeatureCNN, images: torch.Tensor, *, batch_size: int = 256) -> np.ndarray:
+    """How many of ``images`` (uint8, or floats in [-1, 1]; (N, 1, 28, 28)) the classifier puts in
+    each class: an int64 array of length 10 that sums to N."""
+    net = net.eval()
+    predicted = []
+    for first in range(0, len(images), batch_size):
+        batch = images[first:first + batch_size]
+        x = to_model_range(batch) if batch.dtype == torch.uint8 else batch.to(torch.float32)
+        predicted.append(net(x).argmax(dim=1))
+    labels = torch.cat(predicted).numpy() if predicted else np.zeros(0, dtype=np.int64)
+    return np.bincount(labels, minlength=NUM_CLASSES).astype(np.int64)
+
+
+def class_table(counts: np.ndarray, names: Sequence[str], references: dict[str, np.ndarray]) -> str:
+    """A plain-text table: each class's drawn count and share, then its share in each reference
+    (a column per entry of ``references``, each an array of label counts), and a last line with the
+    total variation distance between the drawn shares and each reference's (0: the same mix,
+    1: no class in common)."""
+    if len(counts) != len(names):
+        raise ValueError(f"{len(counts)} class counts for {len(names)} class names")
+    shares = counts / max(int(counts.sum()), 1)
+    ref_shares = {title: ref / max(int(ref.sum()), 1) for title, ref in references.items()}
+    width = max(len(n) for n in (*names, "class"))
+    header = f"{'class':<{width}}  {'drawn':>6}  {'share':>6}" + "".join(f"  {t:>{max(len(t), 6)}}"
+                                                                       for t in ref_shares)
+    rows = [header]
+    for i, name in enumerate(names):
+        rows.append(f"{name:<{width}}  {int(counts[i]):>6}  {shares[i]:>6.1%}"
+                    + "".join(f"  {r[i]:>{max(len(t), 6)}.1%}" for t, r in ref_shares.items()))
+    rows.append(f"{'total':<{width}}  {int(counts.sum()):>6}")
+    for title, r in ref_shares.items():
+        rows.append(f"total variation distance to {title}: {0.5 * float(np.abs(shares - r).sum()):.3f}")
+    return "\n".join(rows)
