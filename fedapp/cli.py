@@ -176,7 +176,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _class_report(cfg: FedConfig, samples: torch.Tensor, client: int | None, num_clients: int) -> str:
     """``fedapp sample --classes``: the classifier's count of each class among ``samples``, beside the
-    class shares of the training pool and, for a client's model, of that client's training images."""
+    class shares of the training pool and, for a client's model, of that client's training images
+    (its partition of ``data.num-partitions``, or of as many as the run kept client models when that is 0)."""
     import numpy as np
 
     from fedapp.data.share import local_data, training_pool
@@ -188,9 +189,10 @@ def _class_report(cfg: FedConfig, samples: torch.Tensor, client: int | None, num
     names = CLASS_NAMES[cfg.data.name]
     references = {"training pool": np.bincount(training_pool(cfg.data, cfg.seed).labels.numpy(),
                                                minlength=len(names))}
-    if client is not None:
-        own = local_data(cfg.data, cfg.seed, client, cfg.data.num_partitions or num_clients).train.labels
-        references[f"client {client}'s data"] = np.bincount(own.numpy(), minlength=len(names))
+    if client is not None:  # the split is data.num-partitions', else one partition per client model kept
+        num = cfg.data.num_partitions or num_clients
+        own = local_data(cfg.data, cfg.seed, client, num).train.labels
+        references[f"client {client} of {num}"] = np.bincount(own.numpy(), minlength=len(names))
     return class_table(class_counts(net, samples.cpu()), names, references)
 
 

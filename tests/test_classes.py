@@ -58,14 +58,14 @@ def test_class_table_gives_each_share_and_the_distance() -> None:
         class_table(np.array([1, 2, 3]), NAMES, {})
 
 
-@pytest.fixture
-def personalized_run(tmp_path: Path) -> tuple[Path, DataConfig]:
+@pytest.fixture(params=[2, 0], ids=["num-partitions=2", "num-partitions=0"])
+def personalized_run(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, DataConfig]:
     """A UDec-like final.pt at Fashion-MNIST's 28 px: a 4-wide UNet, a 10-step chain, two clients'
-    own models."""
+    own models; with data.num-partitions = 0 the split is one partition per client model."""
     cfg = parse_config({"model.dim": 4, "model.dim-mults": "1", "diffusion.timesteps": 10,
                         "eval.sampler": "ddpm", "eval.sampler-steps": 2, "strategy.name": "udec",
-                        "data.max-train-examples": 400, "data.num-partitions": 2, "data.partitioner": "label-skew",
-                        "data.cache": False, "seed": 3})
+                        "data.max-train-examples": 400, "data.num-partitions": request.param,
+                        "data.partitioner": "label-skew", "data.cache": False, "seed": 3})
     clients = {pid: build_model(cfg, seed=10 + pid).state_dict() for pid in (0, 1)}
     path = save_checkpoint(tmp_path / "run" / "final.pt", cfg, 1, build_model(cfg, seed=1), extra={"clients": clients})
     return path, cfg.data
@@ -89,7 +89,7 @@ def test_sample_classes_prints_the_drawn_mix_beside_the_data(personalized_run: t
     own = np.bincount(local_data(data, 3, 1, 2).train.labels.numpy(), minlength=10)
     assert _shares(out, 1) == pytest.approx((100 * pool / pool.sum()).round(1).tolist())
     assert _shares(out, 2) == pytest.approx((100 * own / own.sum()).round(1).tolist())
-    assert "total variation distance to client 1's data: " in out
+    assert "total variation distance to client 1 of 2: " in out
     assert (path.parent / "final-client1-ddpm2-seed0.png").is_file()
 
 
