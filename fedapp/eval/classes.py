@@ -17,25 +17,35 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from fedapp.data.pixels import to_model_range
 from fedapp.eval.classifier import NUM_CLASSES, FeatureCNN
+from fedapp.eval.frechet import features
 
 __all__ = ["class_counts", "class_table"]
+
+
+class _Logits(nn.Module):
+    """The classifier's class logits as a feature space, so ``frechet.features`` batches them."""
+
+    name = "FD-CNN classifier"
+
+    def __init__(self, net: FeatureCNN) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 @torch.no_grad()
 def class_counts(net: FeatureCNN, images: torch.Tensor, *, batch_size: int = 256) -> np.ndarray:
     """How many of ``images`` (uint8, or floats in [-1, 1]; (N, 1, 28, 28)) the classifier puts in
     each class: an int64 array of length 10 that sums to N."""
-    net = net.eval()
-    predicted = []
-    for first in range(0, len(images), batch_size):
-        batch = images[first:first + batch_size]
-        x = to_model_range(batch) if batch.dtype == torch.uint8 else batch.to(torch.float32)
-        predicted.append(net(x).argmax(dim=1))
-    labels = torch.cat(predicted).numpy() if predicted else np.zeros(0, dtype=np.int64)
-    return np.bincount(labels, minlength=NUM_CLASSES).astype(np.int64)
+    if len(images) == 0:
+        return np.zeros(NUM_CLASSES, dtype=np.int64)
+    logits = features(_Logits(net.eval()), images, batch_size=batch_size)
+    return np.bincount(logits.argmax(axis=1), minlength=NUM_CLASSES).astype(np.int64)
 
 
 def class_table(counts: np.ndarray, names: Sequence[str], references: dict[str, np.ndarray]) -> str:
@@ -48,12 +58,11 @@ def class_table(counts: np.ndarray, names: Sequence[str], references: dict[str, 
     shares = counts / max(int(counts.sum()), 1)
     ref_shares = {title: ref / max(int(ref.sum()), 1) for title, ref in references.items()}
     width = max(len(n) for n in (*names, "class"))
-    header = f"{'class':<{width}}  {'drawn':>6}  {'share':>6}" + "".join(f"  {t:>{max(len(t), 6)}}"
-                                                                       for t in ref_shares)
-    rows = [header]
+    columns = {title: max(len(title), 6) for title in ref_shares}
+    rows = [f"{'class':<{width}}  {'drawn':>6}  {'share':>6}" + "".join(f"  {t:>{w}}" for t, w in columns.items())]
     for i, name in enumerate(names):
         rows.append(f"{name:<{width}}  {int(counts[i]):>6}  {shares[i]:>6.1%}"
-                    + "".join(f"  {r[i]:>{max(len(t), 6)}.1%}" for t, r in ref_shares.items()))
+                    + "".join(f"  {ref_shares[t][i]:>{w}.1%}" for t, w in columns.items()))
     rows.append(f"{'total':<{width}}  {int(counts.sum()):>6}")
     for title, r in ref_shares.items():
         rows.append(f"total variation distance to {title}: {0.5 * float(np.abs(shares - r).sum()):.3f}")
