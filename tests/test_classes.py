@@ -15,8 +15,10 @@ from fedapp.config import DataConfig, parse_config
 from fedapp.data import sources
 from fedapp.data.share import local_data, training_pool
 from fedapp.data.sources import CLASS_NAMES, DEBIAN_FASHION_MNIST_DIR
-from fedapp.eval.classes import class_counts, class_table
+from fedapp.eval.classes import class_counts, class_table, counts_of_features, total_variation
 from fedapp.eval.classifier import load_classifier
+from fedapp.eval.frechet import CLASS_TVD, FD_CNN, ClassifierFeatures, features
+from fedapp.eval.quality import QualityMeter
 from fedapp.model.build import build_model
 from fedapp.runs.checkpoint import save_checkpoint
 from tests.support.markers import needs_fmnist, needs_real_fmnist
@@ -40,6 +42,32 @@ def test_class_counts_put_real_images_in_their_class() -> None:
     right = np.bincount(test.labels[:300].numpy(), minlength=10)
     assert 0.5 * np.abs(as_uint8 - right).sum() <= 300 * (1 - meta["test_accuracy"]) + 15
     assert class_counts(net, torch.zeros(0, 1, 28, 28, dtype=torch.uint8)).tolist() == [0] * 10
+    # an evaluation classifies the FD-CNN features it already has, and gets the same counts
+    assert counts_of_features(net, features(ClassifierFeatures(), mixed)).tolist() == as_uint8.tolist()
+
+
+def test_total_variation_is_half_the_l1_distance_of_the_shares() -> None:
+    assert total_variation(np.array([6, 2, 2]), np.array([30, 30, 30])) == pytest.approx((4 / 15 + 2 / 15 + 2 / 15) / 2)
+    assert total_variation(np.array([1, 0]), np.array([0, 7])) == 1.0
+    assert total_variation(np.array([3, 1]), np.array([30, 10])) == 0.0  # shares, not counts
+    assert total_variation(np.zeros(3), np.array([1, 1, 1])) == pytest.approx(0.5)  # no samples: no shares
+
+
+@needs_real_fmnist
+def test_each_evaluation_scores_the_class_mix_against_the_reference_split(tmp_path: Path) -> None:
+    """``fd-cnn-class-tvd`` beside FD-CNN: about 0 for real test images in their own mix, about 0.9
+    for images of one class against Fashion-MNIST's even test split."""
+    cfg = parse_config({"eval.metric-samples": 300, "eval.fid": "off", "output.progress": False,
+                        "eval.stats-dir": str(tmp_path), "eval.max-reference-examples": 2000})
+    meter = QualityMeter(cfg)
+    labels = sources.load_split(cfg.data, "test").labels
+    assert meter.reference_classes.sum() == 2000 and 170 <= meter.reference_classes.min() <= 200
+    test = sources.load_split(cfg.data, "test").images
+    mixed = meter.score(test[:300])
+    assert set(mixed) == {FD_CNN, CLASS_TVD, "fd-cnn-precision", "fd-cnn-recall"}
+    assert mixed[CLASS_TVD] < 0.12  # sampling (300 of 10 classes) plus the classifier's 8 % errors
+    trousers = meter.score(test[labels == 1][:300])[CLASS_TVD]
+    assert 0.8 <= trousers <= 0.9  # 0.9 were every one read as a trouser
 
 
 def test_class_table_gives_each_share_and_the_distance() -> None:

@@ -14,6 +14,7 @@ from fedapp.config import DataConfig, EvalConfig, parse_config
 from fedapp.data.sources import load_split
 from fedapp.eval import frechet, inception
 from fedapp.eval.frechet import (
+    CLASS_TVD,
     FD_CNN,
     FID,
     PRECISION,
@@ -236,8 +237,9 @@ def test_fid_code_path_with_test_written_weights(tmp_path: Path, test_written_we
     })
     meter = QualityMeter(cfg)
     scores, grid = meter.measure(build_model(cfg, seed=0), build_diffusion(cfg), keep=3)
-    assert set(scores) == {FD_CNN, FID, PRECISION, RECALL} and all(np.isfinite(v) and v >= 0 for v in scores.values())
-    assert 0 <= scores[PRECISION] <= 1 and 0 <= scores[RECALL] <= 1
+    assert set(scores) == {FD_CNN, FID, PRECISION, RECALL, CLASS_TVD}
+    assert all(np.isfinite(v) and v >= 0 for v in scores.values())
+    assert 0 <= scores[PRECISION] <= 1 and 0 <= scores[RECALL] <= 1 and 0 <= scores[CLASS_TVD] <= 1
     assert grid.shape == (3, 1, 28, 28)
     names = sorted(p.name for p in tmp_path.glob("*.npz"))
     assert len(names) == 2 and any("-fid-random-inception.pth-" in n for n in names)

@@ -24,6 +24,8 @@ def test_a_personalized_score_gives_its_spread_and_a_round_without_quality_stays
     row = {"round": 2, "round_s": 10.0, "train": {}, "evaluate": {"eval-loss": 0.05},
            "quality": {**quality_entry(cfg, {FD_CNN: 500.0, f"{FD_CNN}-std": 12.25}), "clients": 5.0}}
     assert "FD-CNN 500.0 ± 12.2 over 5 clients (256 ddpm-50 samples)" in summary_line(row, 4)
+    row["quality"] |= {"fd-cnn-precision": 0.812, "fd-cnn-recall": 0.5, "fd-cnn-class-tvd": 0.3456}
+    assert "samples) | precision 0.81 recall 0.50 | class TVD 0.346 | 10.0 s" in summary_line(row, 4)
     assert summary_line({"round": 1, "round_s": 2.0, "train": {}, "evaluate": {}}, 4) == "round 1/4 | 2.0 s"
 
 

@@ -6,6 +6,8 @@ model forgets it. Precision and recall hardly see that (every drawn trouser is s
 trouser), but the class shares do. ``fedapp sample --classes`` prints them beside the shares of the
 data the model learned from: the training pool for a global model, the client's own partition for
 a client's model (where a personalized model is *meant* to follow its owner's classes).
+Every evaluation round logs one number of it, ``fd-cnn-class-tvd``: the distance between the
+samples' class mix and the reference split's, the split FD-CNN itself compares with.
 
 The classifier is the one FD-CNN's features come from (test accuracy 0.92), so a share is exact
 only to its errors; compare two models' shares, or a model's with its data's, not one share alone.
@@ -22,11 +24,11 @@ import torch.nn as nn
 from fedapp.eval.classifier import NUM_CLASSES, FeatureCNN
 from fedapp.eval.frechet import features
 
-__all__ = ["class_counts", "class_table"]
+__all__ = ["class_counts", "class_table", "counts_of_features", "total_variation"]
 
 
-class _Logits(nn.Module):
-    """The classifier's class logits as a feature space, so ``frechet.features`` batches them."""
+class _Features(nn.Module):
+    """The classifier's penultimate features as a space, so ``frechet.features`` batches them."""
 
     name = "FD-CNN classifier"
 
@@ -35,7 +37,7 @@ class _Logits(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net.features(x)
 
 
 @torch.no_grad()
@@ -44,8 +46,26 @@ def class_counts(net: FeatureCNN, images: torch.Tensor, *, batch_size: int = 256
     each class: an int64 array of length 10 that sums to N."""
     if len(images) == 0:
         return np.zeros(NUM_CLASSES, dtype=np.int64)
-    logits = features(_Logits(net.eval()), images, batch_size=batch_size)
-    return np.bincount(logits.argmax(axis=1), minlength=NUM_CLASSES).astype(np.int64)
+    return counts_of_features(net, features(_Features(net), images, batch_size=batch_size))
+
+
+@torch.no_grad()
+def counts_of_features(net: FeatureCNN, f: np.ndarray) -> np.ndarray:
+    """The class counts of images whose FD-CNN features (``net.features``, as ``frechet.features``
+    returns them) are ``f``: the classifier's head on them, so an evaluation that already has the
+    features for its Fréchet distance classifies its samples without a second pass."""
+    logits = net.eval().head(torch.from_numpy(f).to(torch.float32))
+    return np.bincount(logits.argmax(dim=1).numpy(), minlength=NUM_CLASSES).astype(np.int64)
+
+
+def total_variation(counts: np.ndarray, reference: np.ndarray) -> float:
+    """Half the L1 distance between two sets of class shares, each given as counts: 0 for the same
+    mix, 1 for no class in common."""
+    return 0.5 * float(np.abs(_shares(counts) - _shares(reference)).sum())
+
+
+def _shares(counts: np.ndarray) -> np.ndarray:
+    return counts / max(int(counts.sum()), 1)
 
 
 def class_table(counts: np.ndarray, names: Sequence[str], references: dict[str, np.ndarray]) -> str:
@@ -55,8 +75,8 @@ def class_table(counts: np.ndarray, names: Sequence[str], references: dict[str, 
     1: no class in common)."""
     if len(counts) != len(names):
         raise ValueError(f"{len(counts)} class counts for {len(names)} class names")
-    shares = counts / max(int(counts.sum()), 1)
-    ref_shares = {title: ref / max(int(ref.sum()), 1) for title, ref in references.items()}
+    shares = _shares(counts)
+    ref_shares = {title: _shares(ref) for title, ref in references.items()}
     width = max(len(n) for n in (*names, "class"))
     columns = {title: max(len(title), 6) for title in ref_shares}
     rows = [f"{'class':<{width}}  {'drawn':>6}  {'share':>6}" + "".join(f"  {t:>{w}}" for t, w in columns.items())]
@@ -64,6 +84,6 @@ def class_table(counts: np.ndarray, names: Sequence[str], references: dict[str, 
         rows.append(f"{name:<{width}}  {int(counts[i]):>6}  {shares[i]:>6.1%}"
                     + "".join(f"  {ref_shares[t][i]:>{w}.1%}" for t, w in columns.items()))
     rows.append(f"{'total':<{width}}  {int(counts.sum()):>6}")
-    for title, r in ref_shares.items():
-        rows.append(f"total variation distance to {title}: {0.5 * float(np.abs(shares - r).sum()):.3f}")
+    for title, ref in references.items():
+        rows.append(f"total variation distance to {title}: {total_variation(counts, ref):.3f}")
     return "\n".join(rows)

@@ -37,7 +37,9 @@ FID = "fid"
 METRIC_NAMES = (FD_CNN, FID)
 # Improved precision and recall (fedapp.eval.precision_recall), in the classifier's feature space
 PRECISION, RECALL = f"{FD_CNN}-precision", f"{FD_CNN}-recall"
-QUALITY_NAMES = (*METRIC_NAMES, PRECISION, RECALL)
+# How far the classifier's class shares of the samples are from the reference split's (fedapp.eval.classes)
+CLASS_TVD = f"{FD_CNN}-class-tvd"
+QUALITY_NAMES = (*METRIC_NAMES, PRECISION, RECALL, CLASS_TVD)
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,16 @@ def _write_stats(path: Path, stats: Stats) -> None:
     atomic_write(path, lambda out: np.savez(out, mu=stats.mu, sigma=stats.sigma, n=stats.n))
 
 
+def reference_split(data: DataConfig, split: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real images (uint8) and labels that the reference statistics are taken over: the whole
+    split, or a subset of ``limit`` of them seeded by 0 (the same subset in every process)."""
+    real = load_split(data, split)
+    if limit and limit < len(real.images):
+        keep = torch.randperm(len(real.images), generator=torch.Generator().manual_seed(0))[:limit]
+        return real.images[keep], real.labels[keep]
+    return real.images, real.labels
+
+
 def reference_stats(space: nn.Module, data: DataConfig, split: str, directory: Path, *, limit: int = 0,
                     batch_size: int = 256, device: torch.device | str = "cpu",
                     progress: bool = False) -> Stats:
@@ -158,9 +170,7 @@ def reference_stats(space: nn.Module, data: DataConfig, split: str, directory: P
     path = _stats_file(space, data, split, directory, limit)
     if path.is_file() and (cached := _read_stats(path, space.dim)) is not None:
         return cached
-    real = load_split(data, split).images
-    if limit and limit < len(real):
-        real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:limit]]
+    real, _ = reference_split(data, split, limit)
     stats = feature_stats(space, real, batch_size=batch_size, device=device, progress=progress,
                           desc=f"{space.name} real {split}")
     _write_stats(path, stats)

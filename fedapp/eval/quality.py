@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from functools import cached_property
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedapp.config import FedConfig
 from fedapp.data.pixels import image_shape
 from fedapp.data.sources import DatasetNotFoundError, load_split
+from fedapp.eval.classes import counts_of_features, total_variation
+from fedapp.eval.classifier import NUM_CLASSES
 from fedapp.eval.frechet import (
+    CLASS_TVD,
     FD_CNN,
     PRECISION,
     RECALL,
@@ -22,6 +26,7 @@ from fedapp.eval.frechet import (
     feature_spaces,
     features,
     frechet_distance,
+    reference_split,
     reference_stats,
     stats_dir,
     stats_of,
@@ -52,6 +57,13 @@ class QualityMeter:
             for space in self.spaces
         }
 
+    @cached_property
+    def reference_classes(self) -> np.ndarray:
+        """Label counts of the real images FD-CNN's reference statistics are taken over."""
+        ev = self.cfg.eval
+        _, labels = reference_split(self.cfg.data, ev.reference_split, ev.max_reference_examples)
+        return np.bincount(labels.numpy(), minlength=NUM_CLASSES)
+
     @property
     def enabled(self) -> bool:
         return bool(self.spaces)
@@ -66,15 +78,18 @@ class QualityMeter:
         return torch.from_numpy(features(space, real, batch_size=ev.batch_size, device=self.device))
 
     def score(self, images: torch.Tensor) -> dict[str, float]:
-        """One distance per space for images in [-1, 1] (or uint8); in FD-CNN's space also precision and recall."""
+        """One distance per space for images in [-1, 1] (or uint8); in FD-CNN's space also precision and
+        recall, and the class mix's total variation distance to the reference split's."""
         out: dict[str, float] = {}
         for space in self.spaces:
             f = features(space, images, batch_size=self.cfg.eval.batch_size, device=self.device,
                          progress=self.cfg.output.progress, desc=f"{space.name} samples")
             out[space.name] = frechet_distance(stats_of(f), self.references[space.name])
-            if space.name == FD_CNN and len(f) > 3:
-                scores = precision_recall(self.real_features, torch.from_numpy(f))
-                out[PRECISION], out[RECALL] = scores["precision"], scores["recall"]
+            if space.name == FD_CNN:
+                out[CLASS_TVD] = total_variation(counts_of_features(space.net, f), self.reference_classes)
+                if len(f) > 3:
+                    scores = precision_recall(self.real_features, torch.from_numpy(f))
+                    out[PRECISION], out[RECALL] = scores["precision"], scores["recall"]
         return out
 
     @cached_property

@@ -34,6 +34,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("fd-cnn", "quality", "FD-CNN (own Fashion-MNIST classifier features; not Inception FID)"),
     Metric("fid", "quality", "FID (Inception)"),
     Metric("eval-loss", "evaluate", "eval loss (denoising loss on held-out images)"),
+    Metric("fd-cnn-class-tvd", "quality",
+           "class TVD (total variation distance of the samples' class mix to the reference split's)"),
 )
 """What the quality figures show; FD-CNN keeps its own name so nobody reads it as an Inception FID."""
 

@@ -89,6 +89,8 @@ def summary_line(row: Row, rounds: int, sent_bytes: int | None = None) -> str:
         parts.append(f"{name.upper()} {quality[name]:.1f}{spread} ({where + '; ' if where else ''}{samples})")
         if name == "fd-cnn" and "fd-cnn-precision" in quality:
             parts.append(f"precision {quality['fd-cnn-precision']:.2f} recall {quality['fd-cnn-recall']:.2f}")
+        if name == "fd-cnn" and "fd-cnn-class-tvd" in quality:
+            parts.append(f"class TVD {quality['fd-cnn-class-tvd']:.3f}")
     epsilon = row.get("train", {}).get(DP_EPSILON)
     if isinstance(epsilon, int | float):
         parts.append(f"ε {epsilon:.2f} spent")
