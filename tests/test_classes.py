@@ -60,13 +60,12 @@ def test_each_evaluation_scores_the_class_mix_against_the_reference_split(tmp_pa
     cfg = parse_config({"eval.metric-samples": 300, "eval.fid": "off", "output.progress": False,
                         "eval.stats-dir": str(tmp_path), "eval.max-reference-examples": 2000})
     meter = QualityMeter(cfg)
-    labels = sources.load_split(cfg.data, "test").labels
+    test = sources.load_split(cfg.data, "test")
     assert meter.reference_classes.sum() == 2000 and 170 <= meter.reference_classes.min() <= 200
-    test = sources.load_split(cfg.data, "test").images
-    mixed = meter.score(test[:300])
+    mixed = meter.score(test.images[:300])
     assert set(mixed) == {FD_CNN, CLASS_TVD, "fd-cnn-precision", "fd-cnn-recall"}
     assert mixed[CLASS_TVD] < 0.12  # sampling (300 of 10 classes) plus the classifier's 8 % errors
-    trousers = meter.score(test[labels == 1][:300])[CLASS_TVD]
+    trousers = meter.score(test.images[test.labels == 1][:300])[CLASS_TVD]
     assert 0.8 <= trousers <= 0.9  # 0.9 were every one read as a trouser
 
 
