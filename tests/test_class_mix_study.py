@@ -1,0 +1,54 @@
+"""scripts/class_mix_study.py reads what `fedapp sample --classes` writes and a run's own metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedapp.data.sources import CLASS_NAMES
+from fedapp.eval.classes import class_table
+from scripts.class_mix_study import client_models, correlation, table_distances
+
+NAMES = CLASS_NAMES["fashion-mnist"]
+
+
+def _table(drawn: list[int], own: list[int]) -> str:
+    """A table as the CLI writes it: the first classes' counts given, the rest 0; an even pool."""
+    def counts(first: list[int]) -> np.ndarray:
+        return np.array(first + [0] * (len(NAMES) - len(first)))
+    return class_table(counts(drawn), NAMES,
+                       {"training pool": np.ones(len(NAMES), dtype=np.int64), "client 1 of 2": counts(own)})
+
+
+def _run(root: Path, name: str, fd: list[float]) -> Path:
+    run = root / name
+    run.mkdir()
+    (run / "config.toml").write_text('seed = 0\n\n[strategy]\nname = "udec"\n')
+    per_client = {str(c): {"train": {}, "evaluate": {"fd-cnn": v, "fd-cnn-recall": 0.5}} for c, v in enumerate(fd)}
+    rows = [{"round": 1, "per_client": {}}, {"round": 2, "per_client": per_client}, {"round": 2, "quality": {}}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_the_distances_are_read_from_the_cli_table(tmp_path: Path) -> None:
+    path = tmp_path / "table.txt"
+    path.write_text(_table([4], [0, 3]))  # all one class: 0.9 from an even pool, 1 from a client without it
+    assert table_distances(path) == (0.9, 1.0)
+
+
+def test_each_client_model_gets_its_last_round_score_and_its_table(tmp_path: Path) -> None:
+    run, classes = _run(tmp_path, "label-skew-udec-s0", [300.0, 200.0]), tmp_path / "classes"
+    classes.mkdir()
+    (classes / "label-skew-udec-s0-client0.txt").write_text(_table([4], [0, 3]))
+    assert client_models(run, classes) == []  # client 1 has no table: the run does not count
+    (classes / "label-skew-udec-s0-client1.txt").write_text(_table([2, 2], [2, 2]))
+    models = client_models(run, classes)
+    assert [(m.client, m.method, m.fd_cnn, m.recall) for m in models] == [(0, "udec", 300.0, 0.5), (1, "udec", 200.0, 0.5)]
+    assert models[1].tvd_own == 0.0 and models[1].tvd_pool == pytest.approx(0.8)
+    assert correlation(models)[0] == pytest.approx(1.0)  # the farther from the pool, the worse
+    (classes / "label-skew-udec-s0-client1.txt").write_text("class  drawn\n")
+    with pytest.raises(ValueError, match="client1.txt: not a `fedapp sample --client P --classes` table"):
+        client_models(run, classes)
