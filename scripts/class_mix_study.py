@@ -4,21 +4,33 @@ its drawn classes to the training pool's and to its own partition's (the tables 
 --client P --n 256 --classes`` prints, saved as ``CLASSES/NAME-clientP.txt``), and the Spearman
 correlation between FD-CNN and the distance to the pool over every client model found.
 
-Usage: python -m scripts.class_mix_study docs/results/study/label-skew-udec-s* ... [--classes docs/results/classes]
+With ``--mix-floor``, also what the class mix alone costs: the FD-CNN that real images of the
+reference split score when drawn in the model's class mix (as many as the run scored, seeded), the
+score a generator with perfect images and this model's classes would get.
+
+Usage: python -m scripts.class_mix_study docs/results/study/label-skew-udec-s* ... [--classes DIR] [--mix-floor]
 A run counts only where each of its clients has a saved table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+import torch
 from scipy.stats import spearmanr
 
+from fedapp.config import FedConfig, parse_config
+from fedapp.data.sources import CLASS_NAMES, load_split
+from fedapp.eval.frechet import FD_CNN
+from fedapp.eval.quality import QualityMeter
+from fedapp.runs.rundir import read_jsonl
+
+_ROW = re.compile(r"^(?P<name>\S.*?)\s+(?P<drawn>\d+)\s+[0-9.]+%", re.MULTILINE)
 _POOL = re.compile(r"total variation distance to training pool: ([0-9.]+)")
 _OWN = re.compile(r"total variation distance to client \d+ of \d+: ([0-9.]+)")
 
@@ -32,6 +44,8 @@ class ClientModel:
     recall: float
     tvd_pool: float
     tvd_own: float
+    drawn: tuple[int, ...]  # the table's count of each class
+    mix_floor: float | None = None  # FD-CNN of real images in the drawn class mix
 
 
 def table_distances(path: Path) -> tuple[float, float]:
@@ -43,13 +57,51 @@ def table_distances(path: Path) -> tuple[float, float]:
     return float(pool.group(1)), float(own.group(1))
 
 
+def drawn_counts(path: Path, names: tuple[str, ...]) -> tuple[int, ...]:
+    """Each class's drawn count, in label order, from one ``--classes`` table."""
+    found = {m["name"]: int(m["drawn"]) for m in _ROW.finditer(path.read_text())}
+    if set(names) - set(found):
+        raise ValueError(f"{path}: no row for {', '.join(sorted(set(names) - set(found)))}")
+    return tuple(found[name] for name in names)
+
+
+def mix_indices(labels: torch.Tensor, counts: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
+    """Indices of about ``n`` items of ``labels`` in the class shares ``counts`` give, each class's
+    drawn at random without replacement (seeded)."""
+    total = max(sum(counts), 1)
+    generator = torch.Generator().manual_seed(seed)
+    picked = []
+    for label, count in enumerate(counts):
+        pool = torch.nonzero(labels == label).flatten()
+        take = round(n * count / total)
+        if take > len(pool):
+            raise ValueError(f"class {label}: {take} images wanted, only {len(pool)} there")
+        picked.append(pool[torch.randperm(len(pool), generator=generator)[:take]])
+    return torch.cat(picked)
+
+
+def real_in_mix(cfg: FedConfig, counts: tuple[int, ...]) -> torch.Tensor:
+    """eval.metric-samples real images of the reference split in the class mix of ``counts``."""
+    real = load_split(cfg.data, cfg.eval.reference_split)
+    return real.images[mix_indices(real.labels, counts, cfg.eval.metric_samples, cfg.seed)]
+
+
+def mix_floor(cfg: FedConfig, counts: tuple[int, ...]) -> float:
+    """The FD-CNN of real images drawn in the class mix ``counts``, as the run scores its samples."""
+    return QualityMeter(cfg).score(real_in_mix(cfg, counts))[FD_CNN]
+
+
+def run_config(run: Path) -> FedConfig:
+    return parse_config(tomllib.loads((run / "config.toml").read_text()))
+
+
 def client_models(run: Path, classes: Path) -> list[ClientModel]:
     """The run's client models at its last evaluated round, each with its class table's distances."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = next((r for r in reversed(rows) if r.get("per_client")), None)
+    last = next((r for r in reversed(read_jsonl(run / "metrics.jsonl")) if r.get("per_client")), None)
     if last is None:
         raise ValueError(f"{run}: no per-client metrics (not a personalized run?)")
-    method = tomllib.loads((run / "config.toml").read_text())["strategy"]["name"]
+    cfg = run_config(run)
+    names = CLASS_NAMES[cfg.data.name]
     tables = {int(client): classes / f"{run.name}-client{client}.txt" for client in last["per_client"]}
     if not all(path.is_file() for path in tables.values()):
         return []
@@ -57,8 +109,8 @@ def client_models(run: Path, classes: Path) -> list[ClientModel]:
     for client, path in sorted(tables.items()):
         scores = last["per_client"][str(client)]["evaluate"]
         pool, own = table_distances(path)
-        out.append(ClientModel(run.name, method, client, float(scores["fd-cnn"]),
-                               float(scores["fd-cnn-recall"]), pool, own))
+        out.append(ClientModel(run.name, cfg.strategy.name, client, float(scores[FD_CNN]),
+                               float(scores[f"{FD_CNN}-recall"]), pool, own, drawn_counts(path, names)))
     return out
 
 
@@ -72,23 +124,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--classes", type=Path, default=Path("docs/results/classes"))
+    parser.add_argument("--mix-floor", action="store_true",
+                        help="also score real images drawn in each model's class mix (needs the data set)")
     args = parser.parse_args()
     models = []
     for run in args.runs:
         found = client_models(run, args.classes)
         if not found:
             print(f"skipped {run.name}: not every client has a table in {args.classes}")
+        if args.mix_floor:
+            cfg = run_config(run)
+            found = [replace(m, mix_floor=mix_floor(cfg, m.drawn)) for m in found]
         models += found
     if len(models) < 3:
         raise SystemExit(f"{len(models)} client models with class tables in {args.classes}; need 3 or more")
-    print(f"{'run':<24} client  FD-CNN  recall  TVD pool  TVD own")
+    print(f"{'run':<24} client  FD-CNN  recall  TVD pool  TVD own" + ("  real in its mix" if args.mix_floor else ""))
     for m in models:
-        print(f"{m.run:<24} {m.client:>6}  {m.fd_cnn:>6.1f}  {m.recall:>6.3f}  {m.tvd_pool:>8.3f}  {m.tvd_own:>7.3f}")
+        floor = f"  {m.mix_floor:>15.1f}" if m.mix_floor is not None else ""
+        print(f"{m.run:<24} {m.client:>6}  {m.fd_cnn:>6.1f}  {m.recall:>6.3f}  {m.tvd_pool:>8.3f}  {m.tvd_own:>7.3f}{floor}")
     for method in sorted({m.method for m in models}):
         rho, p = correlation([m for m in models if m.method == method])
         print(f"{method}: Spearman rho(TVD to pool, FD-CNN) = {rho:.2f} (p = {p:.3f})")
     rho, p = correlation(models)
     print(f"all {len(models)} client models: Spearman rho(TVD to pool, FD-CNN) = {rho:.2f} (p = {p:.3f})")
+    if args.mix_floor:
+        for run in dict.fromkeys(m.run for m in models):
+            mine = [m for m in models if m.run == run]
+            print(f"{run}: the client models' mean FD-CNN {np.mean([m.fd_cnn for m in mine]):.1f}, real images "
+                  f"in their class mixes {np.mean([m.mix_floor for m in mine if m.mix_floor is not None]):.1f}")
+        shares = np.array([m.mix_floor / m.fd_cnn for m in models if m.mix_floor is not None])
+        print(f"real images in the models' class mixes score {shares.mean():.1%} of the models' FD-CNN "
+              f"(range {shares.min():.1%}–{shares.max():.1%})")
 
 
 if __name__ == "__main__":

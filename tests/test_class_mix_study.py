@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedapp.data.sources import CLASS_NAMES
 from fedapp.eval.classes import class_table
-from scripts.class_mix_study import client_models, correlation, table_distances
+from scripts.class_mix_study import client_models, correlation, drawn_counts, mix_indices, table_distances
 
 NAMES = CLASS_NAMES["fashion-mnist"]
 
@@ -37,6 +38,19 @@ def test_the_distances_are_read_from_the_cli_table(tmp_path: Path) -> None:
     path = tmp_path / "table.txt"
     path.write_text(_table([4], [0, 3]))  # all one class: 0.9 from an even pool, 1 from a client without it
     assert table_distances(path) == (0.9, 1.0)
+    assert drawn_counts(path, NAMES) == (4,) + (0,) * 9
+    with pytest.raises(ValueError, match="table.txt: no row for Scarf"):
+        drawn_counts(path, (*NAMES, "Scarf"))
+
+
+def test_real_images_are_drawn_in_the_models_class_mix() -> None:
+    labels = torch.arange(10).repeat(40)  # 40 of each of 10 classes
+    picked = mix_indices(labels, (3, 1) + (0,) * 8, 40, seed=0)
+    assert torch.bincount(labels[picked], minlength=10).tolist() == [30, 10] + [0] * 8
+    assert len(set(picked.tolist())) == 40  # no image twice
+    assert torch.equal(picked, mix_indices(labels, (3, 1) + (0,) * 8, 40, seed=0))  # seeded
+    with pytest.raises(ValueError, match="class 0: 45 images wanted, only 40 there"):
+        mix_indices(labels, (9, 1), 50, seed=0)
 
 
 def test_each_client_model_gets_its_last_round_score_and_its_table(tmp_path: Path) -> None:
