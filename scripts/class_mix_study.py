@@ -1,15 +1,16 @@
-"""How much of a personalized client's FD-CNN is its class mix: each client model's FD-CNN (from the
-run's metrics.jsonl, scored against the whole test split) beside the total variation distance of
-its drawn classes to the training pool's and to its own partition's (the tables ``fedapp sample RUN
---client P --n 256 --classes`` prints, saved as ``CLASSES/NAME-clientP.txt``), and the Spearman
-correlation between FD-CNN and the distance to the pool over every client model found.
+"""How much of a model's FD-CNN is its class mix: each model's FD-CNN (from the run's metrics.jsonl,
+scored against the whole test split) beside the total variation distance of its drawn classes to
+the training pool's and, for a client's own model, to its partition's (the tables ``fedapp sample
+RUN [--client P] --n 256 --classes`` prints, saved as ``CLASSES/NAME-clientP.txt`` for each client of
+a personalized run, ``CLASSES/NAME.txt`` for a global model), and the Spearman correlation between
+FD-CNN and the distance to the pool for each method with 5 or more models.
 
 With ``--mix-floor``, also what the class mix alone costs: the FD-CNN that real images of the
 reference split score when drawn in the model's class mix (as many as the run scored, seeded), the
 score a generator with perfect images and this model's classes would get.
 
 Usage: python -m scripts.class_mix_study docs/results/study/label-skew-udec-s* ... [--classes DIR] [--mix-floor]
-A run counts only where each of its clients has a saved table.
+A run counts only where each of its models has a saved table.
 """
 
 from __future__ import annotations
@@ -36,25 +37,26 @@ _OWN = re.compile(r"total variation distance to client \d+ of \d+: ([0-9.]+)")
 
 
 @dataclass(frozen=True)
-class ClientModel:
+class ScoredModel:
     run: str
     method: str
-    client: int
+    client: int | None  # None: the run's global model
     fd_cnn: float
     recall: float
     tvd_pool: float
-    tvd_own: float
+    tvd_own: float | None  # to the client's own partition
     drawn: tuple[int, ...]  # the table's count of each class
     mix_floor: float | None = None  # FD-CNN of real images in the drawn class mix
 
 
-def table_distances(path: Path) -> tuple[float, float]:
-    """(to the training pool, to the client's own partition) from one ``--classes`` table."""
+def table_distances(path: Path) -> tuple[float, float | None]:
+    """(to the training pool, to the client's own partition where the table has it) from one
+    ``--classes`` table."""
     text = path.read_text()
     pool, own = _POOL.search(text), _OWN.search(text)
-    if pool is None or own is None:
-        raise ValueError(f"{path}: not a `fedapp sample --client P --classes` table (no distance lines)")
-    return float(pool.group(1)), float(own.group(1))
+    if pool is None:
+        raise ValueError(f"{path}: not a `fedapp sample --classes` table (no distance to the training pool)")
+    return float(pool.group(1)), float(own.group(1)) if own is not None else None
 
 
 def drawn_counts(path: Path, names: tuple[str, ...]) -> tuple[int, ...]:
@@ -95,26 +97,31 @@ def run_config(run: Path) -> FedConfig:
     return parse_config(tomllib.loads((run / "config.toml").read_text()))
 
 
-def client_models(run: Path, classes: Path) -> list[ClientModel]:
-    """The run's client models at its last evaluated round, each with its class table's distances."""
-    last = next((r for r in reversed(read_jsonl(run / "metrics.jsonl")) if r.get("per_client")), None)
-    if last is None:
-        raise ValueError(f"{run}: no per-client metrics (not a personalized run?)")
+def scored_models(run: Path, classes: Path) -> list[ScoredModel]:
+    """The run's models at its last scored round (each client's own in a personalized run, else the
+    global one), each with its class table's distances; none where a table is missing."""
+    rows = read_jsonl(run / "metrics.jsonl")
     cfg = run_config(run)
-    names = CLASS_NAMES[cfg.data.name]
-    tables = {int(client): classes / f"{run.name}-client{client}.txt" for client in last["per_client"]}
-    if not all(path.is_file() for path in tables.values()):
+    entries: list[tuple[int | None, dict[str, float], Path]]  # (client, its scores, its table)
+    if (last := next((r for r in reversed(rows) if r.get("per_client")), None)) is not None:
+        entries = [(int(c), e["evaluate"], classes / f"{run.name}-client{c}.txt")
+                   for c, e in sorted(last["per_client"].items(), key=lambda item: int(item[0]))]
+    elif (last := next((r for r in reversed(rows) if r.get("quality")), None)) is not None:
+        entries = [(None, last["quality"], classes / f"{run.name}.txt")]
+    else:
+        raise ValueError(f"{run}: no scored round in metrics.jsonl")
+    if not all(path.is_file() for _, _, path in entries):
         return []
     out = []
-    for client, path in sorted(tables.items()):
-        scores = last["per_client"][str(client)]["evaluate"]
+    for client, scores, path in entries:
         pool, own = table_distances(path)
-        out.append(ClientModel(run.name, cfg.strategy.name, client, float(scores[FD_CNN]),
-                               float(scores[f"{FD_CNN}-recall"]), pool, own, drawn_counts(path, names)))
+        out.append(ScoredModel(run.name, cfg.strategy.name, client, float(scores[FD_CNN]),
+                               float(scores[f"{FD_CNN}-recall"]), pool, own,
+                               drawn_counts(path, CLASS_NAMES[cfg.data.name])))
     return out
 
 
-def correlation(models: list[ClientModel]) -> tuple[float, float]:
+def correlation(models: list[ScoredModel]) -> tuple[float, float]:
     """Spearman's rho and its p-value between the distance to the pool and FD-CNN."""
     result = spearmanr([m.tvd_pool for m in models], [m.fd_cnn for m in models])
     return float(result.statistic), float(result.pvalue)
@@ -129,28 +136,32 @@ def main() -> None:
     args = parser.parse_args()
     models = []
     for run in args.runs:
-        found = client_models(run, args.classes)
+        found = scored_models(run, args.classes)
         if not found:
-            print(f"skipped {run.name}: not every client has a table in {args.classes}")
+            print(f"skipped {run.name}: not every model has a table in {args.classes}")
         if args.mix_floor:
             cfg = run_config(run)
             found = [replace(m, mix_floor=mix_floor(cfg, m.drawn)) for m in found]
         models += found
-    if len(models) < 3:
-        raise SystemExit(f"{len(models)} client models with class tables in {args.classes}; need 3 or more")
+    if not models:
+        raise SystemExit(f"no model of these runs has a class table in {args.classes}")
     print(f"{'run':<24} client  FD-CNN  recall  TVD pool  TVD own" + ("  real in its mix" if args.mix_floor else ""))
     for m in models:
         floor = f"  {m.mix_floor:>15.1f}" if m.mix_floor is not None else ""
-        print(f"{m.run:<24} {m.client:>6}  {m.fd_cnn:>6.1f}  {m.recall:>6.3f}  {m.tvd_pool:>8.3f}  {m.tvd_own:>7.3f}{floor}")
-    for method in sorted({m.method for m in models}):
-        rho, p = correlation([m for m in models if m.method == method])
-        print(f"{method}: Spearman rho(TVD to pool, FD-CNN) = {rho:.2f} (p = {p:.3f})")
-    rho, p = correlation(models)
-    print(f"all {len(models)} client models: Spearman rho(TVD to pool, FD-CNN) = {rho:.2f} (p = {p:.3f})")
+        client = "global" if m.client is None else str(m.client)
+        own = f"{m.tvd_own:>7.3f}" if m.tvd_own is not None else f"{'—':>7}"
+        print(f"{m.run:<24} {client:>6}  {m.fd_cnn:>6.1f}  {m.recall:>6.3f}  {m.tvd_pool:>8.3f}  {own}{floor}")
+    groups = {method: [m for m in models if m.method == method] for method in sorted({m.method for m in models})}
+    if len(groups) > 1:
+        groups[f"all {len(models)} models"] = models
+    for name, group in groups.items():
+        if len(group) >= 5:  # fewer ranks say nothing
+            rho, p = correlation(group)
+            print(f"{name}: Spearman rho(TVD to pool, FD-CNN) = {rho:.2f} (p = {p:.3f})")
     if args.mix_floor:
         for run in dict.fromkeys(m.run for m in models):
             mine = [m for m in models if m.run == run]
-            print(f"{run}: the client models' mean FD-CNN {np.mean([m.fd_cnn for m in mine]):.1f}, real images "
+            print(f"{run}: the models' mean FD-CNN {np.mean([m.fd_cnn for m in mine]):.1f}, real images "
                   f"in their class mixes {np.mean([m.mix_floor for m in mine if m.mix_floor is not None]):.1f}")
         shares = np.array([m.mix_floor / m.fd_cnn for m in models if m.mix_floor is not None])
         print(f"real images in the models' class mixes score {shares.mean():.1%} of the models' FD-CNN "
