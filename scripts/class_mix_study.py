@@ -88,12 +88,14 @@ def real_in_mix(cfg: FedConfig, counts: tuple[int, ...]) -> torch.Tensor:
     return real.images[mix_indices(real.labels, counts, cfg.eval.metric_samples, cfg.seed)]
 
 
-def mix_floor(cfg: FedConfig, counts: tuple[int, ...]) -> float:
-    """The FD-CNN of real images drawn in the class mix ``counts``, as the run scores its samples."""
-    return QualityMeter(cfg).score(real_in_mix(cfg, counts))[FD_CNN]
+def mix_floor(meter: QualityMeter, counts: tuple[int, ...]) -> float:
+    """The FD-CNN of real images drawn in the class mix ``counts``, scored as the meter's run scores
+    its samples."""
+    return meter.score(real_in_mix(meter.cfg, counts))[FD_CNN]
 
 
 def run_config(run: Path) -> FedConfig:
+    """The run's own config, as it saved it."""
     return parse_config(tomllib.loads((run / "config.toml").read_text()))
 
 
@@ -116,7 +118,7 @@ def scored_models(run: Path, classes: Path) -> list[ScoredModel]:
     for client, scores, path in entries:
         pool, own = table_distances(path)
         out.append(ScoredModel(run.name, cfg.strategy.name, client, float(scores[FD_CNN]),
-                               float(scores[f"{FD_CNN}-recall"]), pool, own,
+                               float(scores.get(f"{FD_CNN}-recall", float("nan"))), pool, own,
                                drawn_counts(path, CLASS_NAMES[cfg.data.name])))
     return out
 
@@ -140,8 +142,8 @@ def main() -> None:
         if not found:
             print(f"skipped {run.name}: not every model has a table in {args.classes}")
         if args.mix_floor:
-            cfg = run_config(run)
-            found = [replace(m, mix_floor=mix_floor(cfg, m.drawn)) for m in found]
+            meter = QualityMeter(run_config(run))
+            found = [replace(m, mix_floor=mix_floor(meter, m.drawn)) for m in found]
         models += found
     if not models:
         raise SystemExit(f"no model of these runs has a class table in {args.classes}")
