@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from fedapp.config import FedConfig, parse_config
 from fedapp.data.sources import CLASS_NAMES, load_split
 from fedapp.eval.frechet import FD_CNN
 from fedapp.eval.quality import QualityMeter
-from fedapp.runs.rundir import read_jsonl
+from fedapp.report.runs import Run, dig, load_run, num
 
 _ROW = re.compile(r"^(?P<name>\S.*?)\s+(?P<drawn>\d+)\s+[0-9.]+%", re.MULTILINE)
 _POOL = re.compile(r"total variation distance to training pool: ([0-9.]+)")
@@ -94,32 +93,28 @@ def mix_floor(meter: QualityMeter, counts: tuple[int, ...]) -> float:
     return meter.score(real_in_mix(meter.cfg, counts))[FD_CNN]
 
 
-def run_config(run: Path) -> FedConfig:
-    """The run's own config, as it saved it."""
-    return parse_config(tomllib.loads((run / "config.toml").read_text()))
-
-
-def scored_models(run: Path, classes: Path) -> list[ScoredModel]:
+def scored_models(run: Run, classes: Path) -> list[ScoredModel]:
     """The run's models at its last scored round (each client's own in a personalized run, else the
     global one), each with its class table's distances; none where a table is missing."""
-    rows = read_jsonl(run / "metrics.jsonl")
-    cfg = run_config(run)
+    row = next((r for r in reversed(run.rows) if num(dig(r, "quality", FD_CNN)) is not None), None)
+    if row is None:
+        raise ValueError(f"{run.path}: no scored round in metrics.jsonl")
+    per_client = row.get("per_client")
     entries: list[tuple[int | None, dict[str, float], Path]]  # (client, its scores, its table)
-    if (last := next((r for r in reversed(rows) if r.get("per_client")), None)) is not None:
+    if isinstance(per_client, dict) and per_client:
         entries = [(int(c), e["evaluate"], classes / f"{run.name}-client{c}.txt")
-                   for c, e in sorted(last["per_client"].items(), key=lambda item: int(item[0]))]
-    elif (last := next((r for r in reversed(rows) if r.get("quality")), None)) is not None:
-        entries = [(None, last["quality"], classes / f"{run.name}.txt")]
+                   for c, e in sorted(per_client.items(), key=lambda item: int(item[0]))]
     else:
-        raise ValueError(f"{run}: no scored round in metrics.jsonl")
+        entries = [(None, row["quality"], classes / f"{run.name}.txt")]
     if not all(path.is_file() for _, _, path in entries):
         return []
+    names = CLASS_NAMES[run.setting("data", "name")]
     out = []
     for client, scores, path in entries:
         pool, own = table_distances(path)
-        out.append(ScoredModel(run.name, cfg.strategy.name, client, float(scores[FD_CNN]),
+        out.append(ScoredModel(run.name, run.method, client, float(scores[FD_CNN]),
                                float(scores.get(f"{FD_CNN}-recall", float("nan"))), pool, own,
-                               drawn_counts(path, CLASS_NAMES[cfg.data.name])))
+                               drawn_counts(path, names)))
     return out
 
 
@@ -137,12 +132,13 @@ def main() -> None:
                         help="also score real images drawn in each model's class mix (needs the data set)")
     args = parser.parse_args()
     models = []
-    for run in args.runs:
+    for path in args.runs:
+        run = load_run(path)
         found = scored_models(run, args.classes)
         if not found:
             print(f"skipped {run.name}: not every model has a table in {args.classes}")
         if args.mix_floor:
-            meter = QualityMeter(run_config(run))
+            meter = QualityMeter(parse_config(run.config))
             found = [replace(m, mix_floor=mix_floor(meter, m.drawn)) for m in found]
         models += found
     if not models:

@@ -11,6 +11,7 @@ import torch
 
 from fedapp.data.sources import CLASS_NAMES
 from fedapp.eval.classes import class_table
+from fedapp.report.runs import load_run
 from scripts.class_mix_study import correlation, drawn_counts, mix_indices, scored_models, table_distances
 
 NAMES = CLASS_NAMES["fashion-mnist"]
@@ -24,12 +25,17 @@ def _table(drawn: list[int], own: list[int]) -> str:
                        {"training pool": np.ones(len(NAMES), dtype=np.int64), "client 1 of 2": counts(own)})
 
 
+def _config(method: str) -> str:
+    """What a run's config.toml names at least (``load_run`` refuses less)."""
+    return f'seed = 0\n\n[strategy]\nname = "{method}"\n\n[data]\nname = "fashion-mnist"\n\n[train]\nrounds = 2\n'
+
+
 def _run(root: Path, name: str, fd: list[float]) -> Path:
     run = root / name
     run.mkdir()
-    (run / "config.toml").write_text('seed = 0\n\n[strategy]\nname = "udec"\n')
+    (run / "config.toml").write_text(_config("udec"))
     per_client = {str(c): {"train": {}, "evaluate": {"fd-cnn": v, "fd-cnn-recall": 0.5}} for c, v in enumerate(fd)}
-    rows = [{"round": 1, "per_client": {}}, {"round": 2, "per_client": per_client}, {"round": 2, "quality": {}}]
+    rows = [{"round": 1, "per_client": {}}, {"round": 2, "per_client": per_client, "quality": {"fd-cnn": 250.0}}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
 
@@ -57,30 +63,30 @@ def test_each_client_model_gets_its_last_round_score_and_its_table(tmp_path: Pat
     run, classes = _run(tmp_path, "label-skew-udec-s0", [300.0, 200.0]), tmp_path / "classes"
     classes.mkdir()
     (classes / "label-skew-udec-s0-client0.txt").write_text(_table([4], [0, 3]))
-    assert scored_models(run, classes) == []  # client 1 has no table: the run does not count
+    assert scored_models(load_run(run), classes) == []  # client 1 has no table: the run does not count
     (classes / "label-skew-udec-s0-client1.txt").write_text(_table([2, 2], [2, 2]))
-    models = scored_models(run, classes)
+    models = scored_models(load_run(run), classes)
     assert [(m.client, m.method, m.fd_cnn, m.recall) for m in models] == [(0, "udec", 300.0, 0.5), (1, "udec", 200.0, 0.5)]
     assert models[1].tvd_own == 0.0 and models[1].tvd_pool == pytest.approx(0.8)
     assert correlation(models)[0] == pytest.approx(1.0)  # the farther from the pool, the worse
     (classes / "label-skew-udec-s0-client1.txt").write_text("class  drawn\n")
     with pytest.raises(ValueError, match="client1.txt: not a `fedapp sample --classes` table"):
-        scored_models(run, classes)
+        scored_models(load_run(run), classes)
 
 
 def test_a_global_model_is_one_model_with_no_own_partition(tmp_path: Path) -> None:
     run, classes = tmp_path / "label-skew-full-s1", tmp_path / "classes"
     run.mkdir()
     classes.mkdir()
-    (run / "config.toml").write_text('[strategy]\nname = "full"\n')
+    (run / "config.toml").write_text(_config("full"))
     rows = [{"round": 2, "quality": {"fd-cnn": 297.5, "fd-cnn-recall": 0.56}}, {"round": 2, "train": {}}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert scored_models(run, classes) == []
+    assert scored_models(load_run(run), classes) == []
     pool_only = class_table(np.array([2, 2] + [0] * 8), NAMES, {"training pool": np.ones(10, dtype=np.int64)})
     (classes / "label-skew-full-s1.txt").write_text(pool_only)
-    [model] = scored_models(run, classes)
+    [model] = scored_models(load_run(run), classes)
     assert (model.client, model.method, model.fd_cnn, model.recall) == (None, "full", 297.5, 0.56)
     assert (model.tvd_pool, model.tvd_own, model.drawn) == (0.8, None, (2, 2) + (0,) * 8)
     (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "train": {}}) + "\n")
     with pytest.raises(ValueError, match="label-skew-full-s1: no scored round in metrics.jsonl"):
-        scored_models(run, classes)
+        scored_models(load_run(run), classes)
