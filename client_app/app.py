@@ -186,7 +186,7 @@ def collafuse_train(msg: Message, context: Context) -> Message:
     save_node_file(directory, AUDIT_FILE, {"round": server_round, "x0": upload.x0[:keep]})
     metrics = MetricRecord({
         NUM_EXAMPLES: len(data.train),
-        "train-loss": done.own.loss,
+        **({"train-loss": done.own.loss} if done.own.images else {}),  # at c = 0 it trains nothing
         "train-steps": done.own.steps,
         "train-seconds": done.own.seconds,
         "client-samples": done.own.images,

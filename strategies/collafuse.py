@@ -202,7 +202,8 @@ class CollaFuse(FedappStrategy):
         metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
         metrics["server-samples"] = total
         metrics["server-steps"] = result.steps if result else 0
-        metrics["server-train-loss"] = result.loss if result else 0.0
+        if result:  # c = 1: nothing to train on, and so no loss
+            metrics["server-train-loss"] = result.loss
         return model_to_record(self.model), metrics
 
     # ----------------------------------------------------------------------------- evaluation

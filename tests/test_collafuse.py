@@ -162,6 +162,7 @@ def test_cut_ratio_zero_is_one_server_model_trained_on_every_client(tmp_path: Pa
     run, initial, final = run_inprocess(tmp_path, nodes=3, **COLLAFUSE, **{"collafuse.cut-ratio": 0.0})
     uploads = [m for m in run.replies if m.metadata.message_type == "train.collafuse"]
     assert all(dict(m.content["metrics"])["client-samples"] == 0 for m in uploads)
+    assert all("train-loss" not in dict(m.content["metrics"]) for m in uploads)  # no loss over no images
     assert all(len(decode_array(m.content["upload"]["t"])) > 0 for m in uploads)
     assert any(not torch.equal(decode_array(initial[k]), decode_array(final[k])) for k in initial.keys())
     seeded = build_model(run.cfg, seed=run.cfg.seed).state_dict()
@@ -182,6 +183,9 @@ def test_cut_ratio_one_is_every_client_alone(tmp_path: Path) -> None:
     assert share["train-samples"] == 1.0 and share["infer-steps"] == 1.0  # type: ignore[index]
     evals = [m for m in run.replies if m.metadata.message_type == "evaluate.collafuse"]
     assert all("audit-denoise-mse" not in m.content["metrics"] for m in evals)  # nothing was disclosed
+    last = [m for m in run.replies if m.metadata.message_type == "train.collafuse"][-3:]
+    _, metrics = run.strategy.aggregate_train(3, last)
+    assert metrics is not None and metrics["server-steps"] == 0 and "server-train-loss" not in metrics
 
 
 def test_server_optimizer_persists_across_rounds(tmp_path: Path) -> None:

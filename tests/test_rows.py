@@ -29,6 +29,11 @@ def test_a_personalized_score_gives_its_spread_and_a_round_without_quality_stays
     assert summary_line({"round": 1, "round_s": 2.0, "train": {}, "evaluate": {}}, 4) == "round 1/4 | 2.0 s"
 
 
+def test_collafuse_shows_its_servers_loss_and_no_client_loss_where_clients_trained_nothing() -> None:
+    row = {"round": 1, "round_s": 5.0, "train": {"server-train-loss": 0.03163, "server-steps": 1280}, "evaluate": {}}
+    assert summary_line(row, 10) == "round 1/10 | server-train-loss 0.0316 | 5.0 s"
+
+
 @needs_real_fmnist
 def test_the_anchors_put_real_images_near_zero_and_noise_far_away(tmp_path) -> None:  # type: ignore[no-untyped-def]
     cfg = parse_config({"eval.metric-samples": 256, "eval.fid": "off", "output.progress": False,

@@ -73,7 +73,7 @@ def _megabytes(count: float) -> str:
 def summary_line(row: Row, rounds: int, sent_bytes: int | None = None) -> str:
     """The one line a round leaves in the log: losses, quality beside its anchors, bytes, grid, time."""
     parts = [f"round {row['round']}/{rounds}"]
-    for phase, key in (("train", "train-loss"), ("evaluate", "eval-loss")):
+    for phase, key in (("train", "train-loss"), ("train", "server-train-loss"), ("evaluate", "eval-loss")):
         value = row.get(phase, {}).get(key)
         if isinstance(value, int | float):
             parts.append(f"{key} {value:.4f}")
