@@ -2,22 +2,24 @@
 
 One row per run directory, read from what the run recorded (metrics.jsonl): the last
 evaluation round's scores, the last round's audit, and the compute counters summed over
-all rounds.
+all rounds. A sweep repeated over seeds gives several runs per cut ratio: the plot draws each
+run and joins the means over the runs at each c. A run not scored yet keeps its row, with no FD-CNN.
 """
 
 from __future__ import annotations
 
-import tomllib
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedapp.config import parse_config
 from fedapp.report.figures import plt
-from fedapp.runs.rundir import read_jsonl
+from fedapp.report.runs import load_run
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("cut-ratio", "c"),
+    ("seed", "seed"),
     ("t-c", "t_c"),
     ("fd-cnn", "FD-CNN per client"),
     ("audit-xt-ssim", "SSIM(x_t, x0)"),
@@ -44,10 +46,11 @@ def _share(rows: list[dict[str, Any]], phase: str, unit: str) -> float | None:
 
 def sweep_row(run: Path) -> dict[str, Any]:
     """The trade-off figures of one CollaFuse run."""
-    cfg = parse_config(tomllib.loads((run / "config.toml").read_text()))
+    loaded = load_run(run)
+    cfg = parse_config(loaded.config)
     if cfg.strategy.name != "collafuse":
         raise ValueError(f"{run} is a {cfg.strategy.name} run, not a CollaFuse one")
-    rows = read_jsonl(run / "metrics.jsonl")
+    rows = loaded.rows
     if not rows:
         raise ValueError(f"{run} has no finished round in metrics.jsonl")
     scored = [r for r in rows if "fd-cnn" in r.get("quality", {})]
@@ -57,6 +60,7 @@ def sweep_row(run: Path) -> dict[str, Any]:
     out: dict[str, Any] = {
         "run": run.name,
         "cut-ratio": cfg.collafuse.cut_ratio,
+        "seed": cfg.seed,
         "t-c": cfg.collafuse.cut(cfg.diffusion.timesteps),
         "rounds": last["round"],
         "fd-cnn": quality.get("fd-cnn"),
@@ -80,7 +84,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
         return f"{value:.1f} ± {std:.1f}" if std is not None else f"{value:.1f}"
     if key == "cut-ratio":
         return f"{value:g}"
-    if key == "t-c":
+    if key in ("t-c", "seed"):
         return str(value)
     if key.endswith("mse") and abs(value) < 1e-3:
         return f"{value:.1e}"
@@ -94,8 +98,21 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join([head, rule, *body])
 
 
+def by_cut(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """The cut ratios where some run has ``key``, and the mean of ``key`` over those runs."""
+    values: dict[float, list[float]] = {}
+    for row in rows:
+        if row.get(key) is not None:
+            values.setdefault(row["cut-ratio"], []).append(row[key])
+    cuts = sorted(values)
+    return cuts, [statistics.fmean(values[c]) for c in cuts]
+
+
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Left: quality against what the server sees; right: quality and client compute against c."""
+    """Left: quality against what the server sees; right: quality and client compute against c.
+
+    Each scored run is a point (its bar: the spread over its clients); the lines join the means over
+    the runs at each cut ratio, so seeds of one c do not zigzag."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     seen = [r for r in rows if r["fd-cnn"] is not None and r["audit-xt-ssim"] is not None]
     left.errorbar([r["audit-xt-ssim"] for r in seen], [r["fd-cnn"] for r in seen],
@@ -105,14 +122,15 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
                       xytext=(5, 5))
     left.set_xlabel("disclosure: mean SSIM(x_t received, client x0)")
     left.set_ylabel("FD-CNN per client (lower is better)")
-    cs = [r["cut-ratio"] for r in rows]
-    right.errorbar(cs, [r["fd-cnn"] for r in rows], yerr=[r["fd-cnn-std"] or 0 for r in rows], fmt="o-",
-                   label="FD-CNN per client")
+    scored = [r for r in rows if r["fd-cnn"] is not None]
+    right.errorbar([r["cut-ratio"] for r in scored], [r["fd-cnn"] for r in scored],
+                   yerr=[r["fd-cnn-std"] or 0 for r in scored], fmt="o", color="tab:blue", alpha=0.6)
+    right.plot(*by_cut(rows, "fd-cnn"), "-", color="tab:blue", label="FD-CNN per client (mean over runs)")
     right.set_xlabel("cut ratio c (clients' share of the chain)")
     right.set_ylabel("FD-CNN per client")
     twin = right.twinx()
-    twin.plot(cs, [r["train-seconds"] for r in rows], "s--", color="tab:green", label="client share of training time")
-    twin.plot(cs, [r["infer-steps"] for r in rows], "^:", color="tab:red", label="client share of sampling steps")
+    twin.plot(*by_cut(rows, "train-seconds"), "s--", color="tab:green", label="client share of training time")
+    twin.plot(*by_cut(rows, "infer-steps"), "^:", color="tab:red", label="client share of sampling steps")
     twin.set_ylabel("client share")
     twin.set_ylim(-0.05, 1.05)
     lines = right.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
@@ -127,13 +145,14 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def write_tradeoff(runs: Sequence[Path], out: Path) -> Path:
-    """tradeoff.md (the table) and tradeoff.png under ``out``; the runs sorted by cut ratio."""
-    rows = sorted((sweep_row(Path(r)) for r in runs), key=lambda r: r["cut-ratio"])
+    """tradeoff.md (the table) and tradeoff.png under ``out``; the runs sorted by cut ratio, then seed."""
+    rows = sorted((sweep_row(Path(r)) for r in runs), key=lambda r: (r["cut-ratio"], r["seed"]))
     out.mkdir(parents=True, exist_ok=True)
     figure = plot(rows, out / "tradeoff.png")
     text = "\n".join([
         "# CollaFuse cut-ratio sweep", "",
-        f"Runs: {', '.join(r['run'] for r in rows)}. FD-CNN: the last evaluation round, mean ± std over clients.",
+        f"Runs: {', '.join(r['run'] for r in rows)}. FD-CNN: the last evaluation round, mean ± std over clients "
+        "(– where the run has not been scored yet).",
         "Disclosure: the last round's uploads (x_t, the x0 solved from x_t and the target, the server",
         "denoiser's x0), against the client's real images. Shares: client / (client + server), all rounds.", "",
         table(rows), "", f"![trade-off]({figure.name})", "",
