@@ -46,6 +46,10 @@ class SplitServer(Protocol):
 
     def client_samples(self, server_round: int) -> dict[int, torch.Tensor]: ...
 
+    def ema_state(self) -> dict[str, object] | None: ...
+
+    def restore_ema(self, state: dict[str, object] | None) -> None: ...
+
 
 class RoundRecorder:
     """The strategy's ``evaluate_fn``: called for round 0 and after every round.
@@ -171,11 +175,16 @@ class RoundRecorder:
         self.label_plot_done = self.run.label_plot_path.exists()
 
     def ema_state(self) -> dict[str, object] | None:
-        """The server's EMA of the global model, as checkpoints hold it (None without one)."""
+        """The server's EMA of its model, as checkpoints hold it (None without one): the global
+        model's, or CollaFuse's shared model's, which the strategy keeps over its every step."""
+        if self.split is not None:
+            return self.split.ema_state()
         return ema_state(self.ema, self.model) if self.ema is not None else None
 
     def restore_ema(self, state: dict[str, object] | None) -> None:
-        if self.ema is not None and state is not None:
+        if self.split is not None:
+            self.split.restore_ema(state)
+        elif self.ema is not None and state is not None:
             load_ema(self.ema, self.model, state)
 
     def sampling_model(self) -> UNet:

@@ -4,11 +4,15 @@ The server's model owns t >= t_c. Training rounds send no weights down: each cli
 trains its private model below the cut and replies with (x_t, t, target) triples above
 it, which the server checks and learns from with an optimizer that persists across rounds.
 Evaluation rounds run split inference: the server denoises x_T -> x_{t_c} for each client,
-which finishes the chain with its own model and scores its samples.
+which finishes the chain with its own model and scores its samples. With ``train.ema-decay``
+the server's model has an EMA over its every step, as each client's own model has; the server's
+half of the chain and the audit's reconstructions use it, and checkpoints keep it where every
+run keeps its sampling weights (``fedapp sample`` and ``fedapp resume`` read it there).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -57,6 +61,7 @@ from fedapp.train.collafuse import (
     server_half,
     server_steps,
 )
+from fedapp.train.ema import ema_state, load_ema, make_ema
 from fedapp.train.loop import pick_device
 from fedapp.train.optim import Recipe, Stepper
 from strategies.base import FedappStrategy, StrategyState
@@ -84,6 +89,9 @@ class CollaFuse(FedappStrategy):
         self.shape = (channels, side, side)
         self.model = build_model(cfg)
         self.stepper = Stepper(dict(self.model.named_parameters()), Recipe.from_config(cfg.train))
+        # Its first step copies the weights (diffusers' warm-up), so it never averages in the initialization.
+        self.ema = make_ema(self.model, cfg.train)
+        self.averaged = copy.deepcopy(self.model) if self.ema is not None else self.model
         # The first audit-samples triples of each node's last accepted upload (what the audit rebuilds).
         self.audit_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.audit_round = 0
@@ -190,9 +198,11 @@ class CollaFuse(FedappStrategy):
                 torch.cat([uploads[n][0] for n in nodes]), torch.cat([uploads[n][1] for n in nodes]),
                 torch.cat([uploads[n][2] for n in nodes]),
                 epochs=self.cfg.collafuse.server_epochs, batch_size=self.cfg.train.batch_size,
-                seed=server_train_seed(self.cfg.seed, server_round), device=self.device,
+                seed=server_train_seed(self.cfg.seed, server_round), device=self.device, ema=self.ema,
             )
             self.model.to("cpu")
+            if self.ema is not None:
+                self.ema.to("cpu")
             for node, (_, t, _) in uploads.items():  # the server's time, split by what each client sent
                 share = len(t) / total
                 self._counters(server_round, node)["train-server-samples"] += len(t) * self.cfg.collafuse.server_epochs
@@ -218,13 +228,14 @@ class CollaFuse(FedappStrategy):
         per_node: dict[int, ArrayRecord] = {}
         extra: dict[int, dict[str, int]] = {}
         server_steps_per_image, _ = chain_split(self.diffusion, self.t_cut, ev.sampler, ev.sampler_steps)
+        model = self.sampling_model()
         for node in nodes:
             # by partition, not by Flower's node id (new every run), so a seeded run samples the same images
             server_seed, client_seed = sample_seeds(self.cfg.seed, server_round, self.partition.get(node, node))
             record = ArrayRecord()
             if n:
                 started = time.perf_counter()
-                x = server_half(self.model, self.diffusion, n, self.shape, self.t_cut, kind=ev.sampler,
+                x = server_half(model, self.diffusion, n, self.shape, self.t_cut, kind=ev.sampler,
                                 steps=ev.sampler_steps, seed=server_seed, device=self.device,
                                 batch_size=ev.batch_size)
                 row = self._counters(server_round, node)
@@ -234,8 +245,8 @@ class CollaFuse(FedappStrategy):
             if node in self.audit_inputs:
                 x_t, t = self.audit_inputs[node]
                 record[AUDIT_X0] = encode_tensor(denoiser_reconstruction(
-                    self.model, self.diffusion, x_t, t, ev.batch_size, self.device))
-            self.model.to("cpu")
+                    model, self.diffusion, x_t, t, ev.batch_size, self.device))
+            model.to("cpu")
             per_node[node] = record
             extra[node] = {SAMPLE_SEED: client_seed, AUDIT_ROUND: self.audit_round}
         config[SERVER_ROUND] = server_round
@@ -283,8 +294,25 @@ class CollaFuse(FedappStrategy):
         """Each client's split-inference samples of an evaluation round, by partition id, in [-1, 1]."""
         return dict(sorted(self.samples.get(server_round, {}).items()))
 
+    # ------------------------------------------------------------------------------ the EMA
+    def sampling_model(self) -> torch.nn.Module:
+        """What the server samples and rebuilds with: its model's EMA once that has taken a step."""
+        if self.ema is None or not self.ema.optimization_step:
+            return self.model
+        self.ema.copy_to(self.averaged.parameters())
+        return self.averaged
+
+    def ema_state(self) -> dict[str, object] | None:
+        """The server model's EMA, as checkpoints hold sampling weights (None without one)."""
+        return ema_state(self.ema, self.model) if self.ema is not None else None
+
+    def restore_ema(self, state: dict[str, object] | None) -> None:
+        """A checkpoint made without one leaves the EMA to start again from the resumed weights."""
+        if self.ema is not None and state is not None:
+            load_ema(self.ema, self.model, state)
+
     def state(self) -> StrategyState:
-        """What a resume needs beyond the weights: the server's optimizer."""
+        """What a resume needs beyond the weights and the EMA: the server's optimizer."""
         return {"optimizer": self.stepper.state_dict()}
 
     def restore(self, state: StrategyState) -> None:

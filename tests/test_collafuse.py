@@ -16,9 +16,10 @@ from fedapp.model.build import build_diffusion, build_model
 from fedapp.model.diffusion import Diffusion
 from fedapp.model.unet import build_unet
 from fedapp.protocol.keys import sample_seeds
-from fedapp.protocol.records import decode_array, decode_record, load_record, upload_to_record
+from fedapp.protocol.records import decode_array, decode_record, upload_to_record
 from fedapp.runs.node_state import load_node_model, sampling_weights
-from fedapp.train.collafuse import Upload, chain_split, client_round, server_steps, split_sample
+from fedapp.train.collafuse import Upload, chain_split, client_round, server_half, server_steps, split_sample
+from fedapp.train.ema import ema_weights, make_ema
 from fedapp.train.optim import Recipe, Stepper
 from strategies import CollaFuse, build_strategy
 from tests.support.inprocess import run_inprocess, tiny_config
@@ -135,11 +136,10 @@ def _partition_images(run) -> torch.Tensor:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_split_inference_equals_both_models_back_to_back(tmp_path: Path, sampler: str) -> None:
-    run, _, final = run_inprocess(tmp_path, nodes=2, **COLLAFUSE,
-                                  **{"collafuse.cut-ratio": 0.3, "eval.sampler": sampler})
+    run, _, _ = run_inprocess(tmp_path, nodes=2, **COLLAFUSE, **{"collafuse.cut-ratio": 0.3, "eval.sampler": sampler})
     cfg, diffusion = run.cfg, build_diffusion(run.cfg)
     server = build_model(cfg)
-    load_record(server, final)
+    server.load_state_dict(run.strategy.ema_state()["weights"])  # type: ignore[index]  # what checkpoints sample with
     replies = [m for m in run.replies if m.metadata.message_type == "evaluate.collafuse"][-2:]
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -197,6 +197,45 @@ def test_server_optimizer_persists_across_rounds(tmp_path: Path) -> None:
     expected = sum(-(-s // run.cfg.train.batch_size) for s in _server_samples_per_round(run))
     assert state["steps"] == expected  # the warm-up's count
     assert int(next(iter(state["moments"].values()))["step"]) == expected  # Adam's own
+
+
+def test_the_servers_ema_takes_every_step_samples_the_servers_half_and_survives_a_checkpoint(tmp_path: Path) -> None:
+    run, _, _ = run_inprocess(tmp_path, nodes=2, **{**COLLAFUSE, "collafuse.cut-ratio": 0.3, "train.ema-decay": 0.9})
+    strategy, cfg, diffusion = run.strategy, run.cfg, build_diffusion(run.cfg)
+    assert strategy.ema.optimization_step == strategy.state()["optimizer"]["steps"] > 1  # type: ignore[index]
+    averaged = build_model(cfg)
+    averaged.load_state_dict(ema_weights(strategy.ema, strategy.model))
+    assert any(not torch.equal(a, b) for a, b in zip(averaged.parameters(), strategy.model.parameters()))
+    sent = [m for m in run.sent if m.metadata.message_type == "evaluate.collafuse"][-1]
+    pid = next(int(dict(r.content["metrics"])["partition-id"]) for r in run.replies
+               if r.metadata.src_node_id == sent.metadata.dst_node_id)
+    server_seed, _ = sample_seeds(cfg.seed, 2, pid)
+    half = {name: server_half(net, diffusion, max(cfg.eval.metric_samples, cfg.eval.num_samples), (1, 28, 28), 300,
+                              kind=cfg.eval.sampler, steps=cfg.eval.sampler_steps, seed=server_seed,
+                              device=torch.device("cpu"), batch_size=cfg.eval.batch_size)
+            for name, net in (("ema", averaged), ("raw", strategy.model))}
+    got = decode_array(sent.content["split"]["x-cut"])
+    assert torch.equal(got, half["ema"]) and not torch.equal(got, half["raw"])
+    resumed = build_strategy(cfg)  # what fedapp resume builds, then fills from the checkpoint
+    resumed.restore_ema(strategy.ema_state())  # type: ignore[attr-defined]
+    assert resumed.ema.optimization_step == strategy.ema.optimization_step  # type: ignore[attr-defined]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.ema.shadow_params, strategy.ema.shadow_params))  # type: ignore[attr-defined]
+
+
+def test_server_steps_step_the_ema_they_are_given() -> None:
+    server = _tiny_unet()
+    initial = [p.detach().clone() for p in server.parameters()]
+    ema = make_ema(server, parse_config({"train.ema-decay": 0.99}).train)
+    assert ema is not None
+    gen = torch.Generator().manual_seed(0)
+    x_t, target = torch.randn(40, 1, 28, 28, generator=gen), torch.randn(40, 1, 28, 28, generator=gen)
+    result = server_steps(server, Stepper(dict(server.named_parameters()), Recipe(1e-3)), Diffusion(1000), x_t,
+                          torch.randint(0, 1000, (40,), generator=gen), target, epochs=1, batch_size=16, seed=0,
+                          device=torch.device("cpu"), ema=ema)
+    assert ema.optimization_step == result.steps == 3
+    pairs = list(zip(ema.shadow_params, server.parameters(), initial))
+    assert any(not torch.equal(shadow, trained) for shadow, trained, _ in pairs)  # an average, not a copy
+    assert any(not torch.equal(shadow, start) for shadow, _, start in pairs)  # of the steps taken
 
 
 def _server_samples_per_round(run) -> list[int]:  # type: ignore[no-untyped-def]

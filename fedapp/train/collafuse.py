@@ -117,15 +117,21 @@ def server_steps(
     batch_size: int,
     seed: int,
     device: torch.device,
+    ema: EMAModel | None = None,
 ) -> TrainResult:
-    """``epochs`` shuffled passes over the pooled triples with the server's persistent optimizer."""
+    """``epochs`` shuffled passes over the pooled triples with the server's persistent optimizer;
+    ``ema``, the server model's EMA, takes every step, as a client's own model's does."""
     model.to(device).train()
+    if ema is not None:
+        ema.to(device)
     gen = torch.Generator().manual_seed(seed)
     x_t, t, target = x_t.to(device), t.to(device), target.to(device)
     tally = Tally(device)
     for pick, done in shuffled_batches(len(t), batch_size, epochs, gen, device):
         loss = diffusion.loss_on(model, x_t[pick], t[pick], target[pick])
         stepper.step(loss, done)
+        if ema is not None:
+            ema.step(model.parameters())
         tally.add(loss, len(pick))
     return tally.result()
 

@@ -5,8 +5,9 @@ capped at ``train.ema-decay``), so a short run is not an average dominated by it
 Where the EMA lives depends on who holds the trained model:
 
 * a model trained by steps in one place (the centralized baseline, the personal models of
-  ULatDec and UDec, CollaFuse's client models) has an EMA over every optimizer step, kept where
-  the model is (in the run's checkpoint, or on the node's disk beside the private parts);
+  ULatDec and UDec, CollaFuse's client models and its server's shared model) has an EMA over
+  every optimizer step, kept where the model is (in the run's checkpoint, or on the node's disk
+  beside the private parts);
 * a global model (Full, USplit) is known to the server only once a round, so the server keeps
   its EMA, one update a round: :class:`fedapp.train.round_ema.RoundEMA` raises the per-step
   decay to the round's mean local steps, so one round of k steps counts as k steps.
