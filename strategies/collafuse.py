@@ -303,8 +303,11 @@ class CollaFuse(FedappStrategy):
         return self.averaged
 
     def ema_state(self) -> dict[str, object] | None:
-        """The server model's EMA, as checkpoints hold sampling weights (None without one)."""
-        return ema_state(self.ema, self.model) if self.ema is not None else None
+        """The server model's EMA, as checkpoints hold sampling weights; None without one, or before
+        its first step (at c = 1 the server never trains), when the model's own weights are those."""
+        if self.ema is None or not self.ema.optimization_step:
+            return None
+        return ema_state(self.ema, self.model)
 
     def restore_ema(self, state: dict[str, object] | None) -> None:
         """A checkpoint made without one leaves the EMA to start again from the resumed weights."""

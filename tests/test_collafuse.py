@@ -186,6 +186,7 @@ def test_cut_ratio_one_is_every_client_alone(tmp_path: Path) -> None:
     last = [m for m in run.replies if m.metadata.message_type == "train.collafuse"][-3:]
     _, metrics = run.strategy.aggregate_train(3, last)
     assert metrics is not None and metrics["server-steps"] == 0 and "server-train-loss" not in metrics
+    assert run.strategy.ema_state() is None  # its EMA never stepped: checkpoints sample the model's own weights
 
 
 def test_server_optimizer_persists_across_rounds(tmp_path: Path) -> None:
