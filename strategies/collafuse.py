@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -66,6 +66,9 @@ from fedapp.train.loop import pick_device
 from fedapp.train.optim import Recipe, Stepper
 from strategies.base import FedappStrategy, StrategyState
 from strategies.validation import by_node, canonical_metrics, weight_problem
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 TRAIN_ACTION = COLLAFUSE_TRAIN
 Triples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x_t, t, target) as received
@@ -295,19 +298,23 @@ class CollaFuse(FedappStrategy):
         return dict(sorted(self.samples.get(server_round, {}).items()))
 
     # ------------------------------------------------------------------------------ the EMA
+    @property
+    def _stepped_ema(self) -> EMAModel | None:
+        """The server model's EMA once it has taken a step; before that (at c = 1 the server never
+        trains) the model's own weights are what it samples with."""
+        return self.ema if self.ema is not None and self.ema.optimization_step else None
+
     def sampling_model(self) -> torch.nn.Module:
         """What the server samples and rebuilds with: its model's EMA once that has taken a step."""
-        if self.ema is None or not self.ema.optimization_step:
+        if self._stepped_ema is None:
             return self.model
         self.ema.copy_to(self.averaged.parameters())
         return self.averaged
 
     def ema_state(self) -> dict[str, object] | None:
-        """The server model's EMA, as checkpoints hold sampling weights; None without one, or before
-        its first step (at c = 1 the server never trains), when the model's own weights are those."""
-        if self.ema is None or not self.ema.optimization_step:
-            return None
-        return ema_state(self.ema, self.model)
+        """The server model's EMA, as checkpoints hold sampling weights; None where it has none yet."""
+        ema = self._stepped_ema
+        return ema_state(ema, self.model) if ema is not None else None
 
     def restore_ema(self, state: dict[str, object] | None) -> None:
         """A checkpoint made without one leaves the EMA to start again from the resumed weights."""
