@@ -230,7 +230,7 @@ def _check_comm(runs: list[Path]) -> int:
     from fedapp.config import parse_config
     from fedapp.model.build import build_model
     from fedapp.model.unet import part_sizes
-    from fedapp.protocol.methods import cumulative_cost
+    from fedapp.protocol.methods import METHODS, cumulative_cost
     from fedapp.runs.rundir import read_jsonl
 
     print(f"{'run':<28}{'method':<9}{'K':>4}{'R':>4}{'measured':>16}{'analytic':>16}  match")
@@ -239,6 +239,8 @@ def _check_comm(runs: list[Path]) -> int:
         if not (run / "config.toml").is_file() or not (run / "metrics.jsonl").is_file():
             raise ValueError(f"{run} is not a finished run directory (config.toml, metrics.jsonl)")
         cfg = parse_config(tomllib.loads((run / "config.toml").read_text()))
+        if cfg.strategy.name not in METHODS:
+            raise ValueError(f"{run}: a {cfg.strategy.name} run; the analytic count covers {', '.join(METHODS)}")
         rows = [r for r in read_jsonl(run / "metrics.jsonl") if "train" in r.get("comm", {})]
         if not rows:
             raise ValueError(f"{run}: no round with measured training traffic (a centralized run?)")

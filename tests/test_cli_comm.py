@@ -49,3 +49,12 @@ def test_a_folder_that_is_not_a_run_is_one_line(tmp_path: Path, capsys: pytest.C
     assert main(["comm", "--check", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedapp comm:") and "not a finished run directory" in err and "\n" not in err
+
+
+def test_a_collafuse_run_is_named_as_outside_the_analytic_count(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run = fake_run(tmp_path, "cf", "full")
+    (run / "config.toml").write_text((run / "config.toml").read_text().replace('"full"', '"collafuse"'))
+    assert main(["comm", "--check", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a collafuse run; the analytic count covers full, usplit, ulatdec, udec" in err and "\n" not in err

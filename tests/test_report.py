@@ -121,6 +121,20 @@ def test_udec_reduction_against_the_full_run_with_the_same_partitioner(runs: lis
     assert "0 % (reference)" in _table_row(text, "full-iid")
 
 
+def test_collafuses_named_actions_count_as_its_traffic_with_no_reduction_against_full(
+        runs: list[Path], tmp_path: Path) -> None:
+    up = {"down_params": 0, "down_bytes": 0, "up_params": 3_000_000, "up_bytes": 12_000_000}
+    down = {"down_params": 200_000, "down_bytes": 800_000, "up_params": 0, "up_bytes": 0}
+    cf = make_run(tmp_path / "runs", "cf-iid", "collafuse", "iid", [
+        {"round": 1, "wall_s": 5.0, "comm": {"train.collafuse": {"round": up, "cumulative": up},
+                                             "evaluate.collafuse": {"round": down, "cumulative": down}}}])
+    text = write_report([*runs, cf], tmp_path / "out").read_text()
+    row = _table_row(text, "cf-iid")
+    assert "| 3.000 M | 12.00 MB | — | 0.80 MB |" in row  # training up, its reduction, evaluation down
+    assert "`cf-iid`: CollaFuse's traffic is the values of x_t, ε and t" in text
+    assert "`cf-iid`" not in text.split("Not shown")[1].split("\n")[0]
+
+
 def test_a_run_without_quality_rows_is_listed_with_a_dash_and_a_note(runs: list[Path], tmp_path: Path) -> None:
     bare = make_run(tmp_path / "runs", "usplit-skew", "usplit", "label-skew",
                     [{"round": 1, "wall_s": 3.0, "comm": _comm(10, 10)}])

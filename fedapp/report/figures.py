@@ -62,8 +62,9 @@ def plot_comm(runs: Sequence[Run], path: Path) -> Path | None:
         ax.plot([p.round for p in points], [p.params / 1e6 for p in points], marker="o", ms=4,
                 label=_legend(run, [r for r, _ in curves]))
     ax.set_xlabel("round")
-    ax.set_ylabel("cumulative parameters, down + up (millions)")
-    ax.set_title("cumulative training communication (evaluation traffic not included)", fontsize=9)
+    ax.set_ylabel("cumulative values sent, down + up (millions)")
+    ax.set_title("cumulative training communication: parameters, or CollaFuse's x_t and ε "
+                 "(evaluation traffic not included)", fontsize=9)
     _round_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -216,6 +216,9 @@ def _run_notes(run: Run, runs: Sequence[Run]) -> list[str]:
     full = full_counterpart(run, runs)
     if full and comm_reduction(run, full):
         notes.append(f"- `{run.name}`: reduction against `{full.name}` (training traffic, same round).")
+    elif run.method == "collafuse" and comm_series(run):
+        notes.append(f"- `{run.name}`: CollaFuse's traffic is the values of x_t, ε and t it sends, not model "
+                     "parameters, so no reduction against Full is given.")
     elif run.method not in ("full", BASELINE) and comm_series(run):
         notes.append(f"- `{run.name}`: no full run with partitioner {run.partitioner} in this report.")
     return notes

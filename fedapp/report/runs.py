@@ -194,26 +194,41 @@ def series(run: Run, metric: Metric) -> list[Point]:
     return points
 
 
+def _phase_traffic(row: dict[str, Any], phase: str) -> tuple[float, float] | None:
+    """A row's cumulative (values, bytes), down + up, over the phase's message types.
+
+    A phase is Flower's message type, ``train`` or ``evaluate``, and the named actions under it:
+    CollaFuse's traffic is ``train.collafuse`` and ``evaluate.collafuse``. None where the row has none.
+    """
+    comm = dig(row, "comm")
+    found = None
+    for mtype, entry in (comm.items() if isinstance(comm, dict) else ()):
+        if mtype != phase and not mtype.startswith(f"{phase}."):
+            continue
+        params = [num(dig(entry, "cumulative", f"{d}_params")) for d in ("down", "up")]
+        if None in params:
+            continue
+        size = sum(num(dig(entry, "cumulative", f"{d}_bytes")) or 0.0 for d in ("down", "up"))
+        values, total = found or (0.0, 0.0)
+        found = (values + sum(params), total + size)  # type: ignore[arg-type]
+    return found
+
+
 def comm_series(run: Run) -> list[CommPoint]:
     """Cumulative training traffic (down + up); evaluation traffic is reported on its own."""
     points = []
     for row in run.rows:
-        cum = dig(row, "comm", "train", "cumulative")
-        rnd = num(row.get("round"))
-        params = [num(dig(cum, f"{d}_params")) for d in ("down", "up")]
-        size = [num(dig(cum, f"{d}_bytes")) for d in ("down", "up")]
-        if rnd is not None and None not in params:
-            points.append(CommPoint(int(rnd), sum(params), sum(v or 0.0 for v in size)))  # type: ignore[arg-type]
+        rnd, traffic = num(row.get("round")), _phase_traffic(row, "train")
+        if rnd is not None and traffic is not None:
+            points.append(CommPoint(int(rnd), *traffic))
     return points
 
 
 def eval_traffic(run: Run) -> CommPoint | None:
     for row in reversed(run.rows):
-        cum = dig(row, "comm", "evaluate", "cumulative")
-        params = [num(dig(cum, f"{d}_params")) for d in ("down", "up")]
-        if None not in params:
-            size = sum(num(dig(cum, f"{d}_bytes")) or 0.0 for d in ("down", "up"))
-            return CommPoint(int(num(row.get("round")) or 0), sum(params), size)  # type: ignore[arg-type]
+        traffic = _phase_traffic(row, "evaluate")
+        if traffic is not None:
+            return CommPoint(int(num(row.get("round")) or 0), *traffic)
     return None
 
 
@@ -228,7 +243,7 @@ def comm_reduction(run: Run, full: Run) -> tuple[float, int] | None:
 
 
 def full_counterpart(run: Run, runs: Sequence[Run]) -> Run | None:
-    if run.method in ("full", BASELINE):
+    if run.method in ("full", BASELINE, "collafuse"):  # CollaFuse sends x_t and ε, not parameters
         return None
     return next((r for r in runs if r.method == "full" and r.partitioner == run.partitioner
                  and comm_series(r)), None)
