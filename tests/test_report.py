@@ -135,6 +135,29 @@ def test_collafuses_named_actions_count_as_its_traffic_with_no_reduction_against
     assert "`cf-iid`" not in text.split("Not shown")[1].split("\n")[0]
 
 
+def test_a_study_of_many_runs_draws_each_in_a_style_of_its_own_and_collafuse_with_its_cut(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "runs"
+    runs = [make_run(root, f"full{i}", "full", "iid", [{"round": 1, "comm": _comm(10, 10)}], seed=i)
+            for i in range(11)]
+    cf = make_run(root, "cf", "collafuse", "iid", [{"round": 1, "comm": _comm(10, 10)}])
+    config = tomllib.loads((cf / "config.toml").read_text())
+    (cf / "config.toml").write_text(tomli_w.dumps({**config, "collafuse": {"cut-ratio": 0.2}}))
+    drawn: dict[str, plt.Figure] = {}
+    save = figures._save
+
+    def keep(fig: plt.Figure, path: Path) -> Path:
+        drawn[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    write_report([*runs, cf], tmp_path / "out")
+    (ax,) = drawn["communication.png"].axes
+    styles = [(line.get_color(), line.get_linestyle()) for line in ax.get_lines()]
+    assert len(styles) == 12 and len(set(styles)) == 12  # matplotlib's ten colours, then dashed
+    assert ax.get_lines()[-1].get_label() == "collafuse · iid · c = 0.2"
+
+
 def test_a_run_without_quality_rows_is_listed_with_a_dash_and_a_note(runs: list[Path], tmp_path: Path) -> None:
     bare = make_run(tmp_path / "runs", "usplit-skew", "usplit", "label-skew",
                     [{"round": 1, "wall_s": 3.0, "comm": _comm(10, 10)}])

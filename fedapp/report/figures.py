@@ -22,6 +22,19 @@ from fedapp.report.runs import DPI, PER_ROW, Metric, Run, comm_series, series  #
 # ---------------------------------------------------------------- figures
 
 
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _style(index: int) -> dict[str, str]:
+    """The index-th run's colour and dash: matplotlib's ten colours repeat, so each ten runs get a new dash."""
+    return {"color": f"C{index % 10}", "linestyle": LINESTYLES[index // 10 % len(LINESTYLES)]}
+
+
+def _legend_beside(ax: plt.Axes, fontsize: int = 8) -> None:
+    """The legend right of the axes, where a study's many runs cover no curve."""
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -35,10 +48,10 @@ def plot_metric(runs: Sequence[Run], metric: Metric, path: Path) -> Path | None:
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for run, points in curves:
+    for index, (run, points) in enumerate(curves):
         xs = [p.round for p in points]
         ys = [p.value for p in points]
-        (line,) = ax.plot(xs, ys, marker="o", ms=4, label=_legend(run, [r for r, _ in curves]))
+        (line,) = ax.plot(xs, ys, marker="o", ms=4, label=_legend(run, [r for r, _ in curves]), **_style(index))
         if any(p.std is not None for p in points):
             low = [p.value - p.std if p.std is not None else math.nan for p in points]
             high = [p.value + p.std if p.std is not None else math.nan for p in points]
@@ -48,7 +61,7 @@ def plot_metric(runs: Sequence[Run], metric: Metric, path: Path) -> Path | None:
     ax.set_title(f"{metric.title}\nlower is better; band: ± std over the clients' models", fontsize=9)
     _round_axis(ax)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_beside(ax)
     return _save(fig, path)
 
 
@@ -58,16 +71,16 @@ def plot_comm(runs: Sequence[Run], path: Path) -> Path | None:
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for run, points in curves:
+    for index, (run, points) in enumerate(curves):
         ax.plot([p.round for p in points], [p.params / 1e6 for p in points], marker="o", ms=4,
-                label=_legend(run, [r for r, _ in curves]))
+                label=_legend(run, [r for r, _ in curves]), **_style(index))
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative values sent, down + up (millions)")
     ax.set_title("cumulative training communication: parameters, or CollaFuse's x_t and ε "
                  "(evaluation traffic not included)", fontsize=9)
     _round_axis(ax)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_beside(ax)
     return _save(fig, path)
 
 
@@ -124,7 +137,7 @@ def plot_ratios(rows: Sequence[tuple[str, Sequence[SeedRatio], float | None]], p
     ax.set_xlim(left=0)
     ax.set_xlabel("FD-CNN over the centralized baseline's at the same seed (lower is better)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _legend_beside(ax, fontsize=7)
     return _save(fig, path)
 
 

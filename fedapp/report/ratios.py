@@ -51,8 +51,7 @@ class SeedRatio(NamedTuple):
 
 
 def setting(run: Run) -> Setting:
-    cut = num(run.setting("collafuse", "cut-ratio")) if run.method == "collafuse" else None
-    return Setting(run.method, run.partitioner, cut)
+    return Setting(run.method, run.partitioner, run.cut_ratio)
 
 
 def seed(run: Run) -> int | None:

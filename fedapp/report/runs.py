@@ -80,9 +80,18 @@ class Run:
         return f"{BASELINE} (baseline)" if self.is_baseline else self.method
 
     @property
+    def cut_ratio(self) -> float | None:
+        """CollaFuse's c, which sets a run apart as much as its method does; None for the other methods."""
+        return num(self.setting("collafuse", "cut-ratio")) if self.method == "collafuse" else None
+
+    @property
     def label(self) -> str:
-        """Legend and panel text: the baseline has no partition, the others are told apart by theirs."""
-        return self.method_label if self.is_baseline else f"{self.method} · {self.partitioner}"
+        """Legend and panel text: the baseline has no partition, the others are told apart by theirs
+        (and CollaFuse's runs by their cut ratio)."""
+        if self.is_baseline:
+            return self.method_label
+        cut = "" if self.cut_ratio is None else f" · c = {self.cut_ratio:g}"
+        return f"{self.method} · {self.partitioner}{cut}"
 
 
 # ---------------------------------------------------------------- reading
