@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     comm.set_defaults(func=_comm)
 
     tradeoff = sub.add_parser("tradeoff", help="CollaFuse's cut-ratio trade-off table and plot over run directories")
-    tradeoff.add_argument("runs", nargs="+", type=Path, help="CollaFuse run directories (one per cut ratio)")
+    tradeoff.add_argument("runs", nargs="+", type=Path, help="CollaFuse run directories (cut ratios and seeds; one row each)")
     tradeoff.add_argument("--out", type=_out_dir, required=True, help="folder for tradeoff.md and tradeoff.png")
     tradeoff.set_defaults(func=_tradeoff)
 
