@@ -78,6 +78,20 @@ def runs(tmp_path: Path) -> list[Path]:
     return [full, udec, central]
 
 
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> dict[str, plt.Figure]:
+    """Every figure the report saves, by file name, to check what is drawn on its axes."""
+    figs: dict[str, plt.Figure] = {}
+    save = figures._save
+
+    def keep(fig: plt.Figure, path: Path) -> Path:
+        figs[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    return figs
+
+
 def _table_row(text: str, run_name: str) -> str:
     return next(line for line in text.splitlines() if line.startswith(f"| `{run_name}`") and "MB" in line)
 
@@ -136,21 +150,13 @@ def test_collafuses_named_actions_count_as_its_traffic_with_no_reduction_against
 
 
 def test_a_study_of_many_runs_draws_each_in_a_style_of_its_own_and_collafuse_with_its_cut(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, drawn: dict[str, plt.Figure]) -> None:
     root = tmp_path / "runs"
     runs = [make_run(root, f"full{i}", "full", "iid", [{"round": 1, "comm": _comm(10, 10)}], seed=i)
             for i in range(11)]
     cf = make_run(root, "cf", "collafuse", "iid", [{"round": 1, "comm": _comm(10, 10)}])
     config = tomllib.loads((cf / "config.toml").read_text())
     (cf / "config.toml").write_text(tomli_w.dumps({**config, "collafuse": {"cut-ratio": 0.2}}))
-    drawn: dict[str, plt.Figure] = {}
-    save = figures._save
-
-    def keep(fig: plt.Figure, path: Path) -> Path:
-        drawn[path.name] = fig
-        return save(fig, path)
-
-    monkeypatch.setattr(figures, "_save", keep)
     write_report([*runs, cf], tmp_path / "out")
     (ax,) = drawn["communication.png"].axes
     styles = [(line.get_color(), line.get_linestyle()) for line in ax.get_lines()]
@@ -208,21 +214,13 @@ def test_ratio_to_centralized_pairs_each_run_with_the_baseline_of_its_seed(tmp_p
 
 
 def test_the_ratio_figure_draws_each_seed_each_client_model_and_the_authors_ratio(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, drawn: dict[str, plt.Figure]) -> None:
     root = tmp_path / "runs"
     runs = [make_run(root, "c0", "centralized", "iid", [_scored(50.0)], seed=0),
             make_run(root, "c1", "centralized", "iid", [_scored(40.0)], seed=1),
             make_run(root, "udec0", "udec", "iid", [_scored(150.0, clients=(100.0, 200.0))], seed=0),
             make_run(root, "udec1", "udec", "iid", [_scored(160.0, clients=(120.0, 200.0))], seed=1),
             make_run(root, "full0", "full", "iid", [_scored(100.0)], seed=0)]
-    drawn: dict[str, plt.Figure] = {}
-    save = figures._save
-
-    def keep(fig: plt.Figure, path: Path) -> Path:
-        drawn[path.name] = fig
-        return save(fig, path)
-
-    monkeypatch.setattr(figures, "_save", keep)
     out = tmp_path / "out"
     assert "![ratio to centralized per setting](ratios.png)" in write_report(runs, out).read_text()
     assert (out / "ratios.png").stat().st_size > 0
