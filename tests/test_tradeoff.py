@@ -38,6 +38,7 @@ def test_the_sweep_table_sorts_by_cut_and_sums_every_round(tmp_path: Path) -> No
     assert sweep_row(runs[0])["audit-xt-ssim"] is None  # c = 1: the server received nothing to audit
     out = write_tradeoff(runs, tmp_path / "out")
     lines = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert "client share, train samples" in lines[0]
     assert [line.split("|")[1].strip() for line in lines[1:]] == ["0", "0.5", "1"]
     assert "100.0 ± 2.0" in lines[1] and "–" in lines[3]
     assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 0

@@ -27,7 +27,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("audit-solve-mse", "MSE solved x0"),
     ("audit-denoise-ssim", "SSIM denoiser x0"),
     ("audit-denoise-mse", "MSE denoiser x0"),
-    ("train-samples", "client share, train steps"),
+    ("train-samples", "client share, train samples"),
     ("train-seconds", "client share, train time"),
     ("infer-steps", "client share, sampling steps"),
     ("infer-seconds", "client share, sampling time"),
@@ -129,6 +129,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     right.set_xlabel("cut ratio c (clients' share of the chain)")
     right.set_ylabel("FD-CNN per client")
     twin = right.twinx()
+    twin.plot([0, 1], [0, 1], "-", color="0.8", lw=1, label="client share = c")
+    twin.plot(*by_cut(rows, "train-samples"), "D-.", color="tab:purple", label="client share of training samples")
     twin.plot(*by_cut(rows, "train-seconds"), "s--", color="tab:green", label="client share of training time")
     twin.plot(*by_cut(rows, "infer-steps"), "^:", color="tab:red", label="client share of sampling steps")
     twin.set_ylabel("client share")
@@ -154,7 +156,9 @@ def write_tradeoff(runs: Sequence[Path], out: Path) -> Path:
         f"Runs: {', '.join(r['run'] for r in rows)}. FD-CNN: the last evaluation round, mean ± std over clients "
         "(– where the run has not been scored yet).",
         "Disclosure: the last round's uploads (x_t, the x0 solved from x_t and the target, the server",
-        "denoiser's x0), against the client's real images. Shares: client / (client + server), all rounds.", "",
+        "denoiser's x0), against the client's real images. Shares: client / (client + server), all rounds;",
+        "train samples counts the (x_t, t) pairs each side's model trained on (its compute, if a step",
+        "cost the same per sample), train time the seconds each side spent training.", "",
         table(rows), "", f"![trade-off]({figure.name})", "",
     ])
     (out / "tradeoff.md").write_text(text)
