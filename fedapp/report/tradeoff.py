@@ -113,7 +113,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
     Each scored run is a point (its bar: the spread over its clients); the lines join the means over
     the runs at each cut ratio, so seeds of one c do not zigzag."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5))
     seen = [r for r in rows if r["fd-cnn"] is not None and r["audit-xt-ssim"] is not None]
     left.errorbar([r["audit-xt-ssim"] for r in seen], [r["fd-cnn"] for r in seen],
                   yerr=[r["fd-cnn-std"] or 0 for r in seen], fmt="o")
@@ -137,7 +137,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     twin.set_ylim(-0.05, 1.05)
     lines = right.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     labels = right.get_legend_handles_labels()[1] + twin.get_legend_handles_labels()[1]
-    right.legend(lines, labels, fontsize=8, loc="upper center")
+    right.legend(lines, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # off the data
     fig.suptitle("CollaFuse trade-off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
