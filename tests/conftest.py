@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
+from matplotlib.figure import Figure
 
 from fedapp.data.sources import DEBIAN_FASHION_MNIST_DIR
+from fedapp.report import figures
 from tests.support.mocks import RUN_ID
 from tests.support.standin import have_fashion_mnist, write_standin
 
@@ -51,3 +53,17 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> dict[str, Figure]:
+    """Every figure ``fedapp report`` or ``fedapp tradeoff`` saves, by file name, to check what is drawn on its axes."""
+    figs: dict[str, Figure] = {}
+    save = figures.save_figure
+
+    def keep(fig: Figure, path: Path) -> Path:
+        figs[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    return figs

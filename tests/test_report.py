@@ -19,7 +19,6 @@ import tomli_w
 from PIL import Image
 
 from fedapp.cli import main
-from fedapp.report import figures
 from fedapp.report.htmlpage import write_html
 from fedapp.report.markdown import comm_reduction, load_run, write_report
 
@@ -76,20 +75,6 @@ def runs(tmp_path: Path) -> list[Path]:
          "quality": {"fd-cnn": 20.0, "samples": 256, "sampler": "ddim-50"}, "samples": "samples/round-002.png"},
     ])
     return [full, udec, central]
-
-
-@pytest.fixture
-def drawn(monkeypatch: pytest.MonkeyPatch) -> dict[str, plt.Figure]:
-    """Every figure the report saves, by file name, to check what is drawn on its axes."""
-    figs: dict[str, plt.Figure] = {}
-    save = figures._save
-
-    def keep(fig: plt.Figure, path: Path) -> Path:
-        figs[path.name] = fig
-        return save(fig, path)
-
-    monkeypatch.setattr(figures, "_save", keep)
-    return figs
 
 
 def _table_row(text: str, run_name: str) -> str:

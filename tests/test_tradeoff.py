@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from matplotlib.figure import Figure
+
 from fedapp.config import parse_config
 from fedapp.report.tradeoff import by_cut, sweep_row, write_tradeoff
 from fedapp.runs.rundir import RunDir
@@ -65,3 +67,14 @@ def test_a_run_of_another_method_is_refused(tmp_path: Path) -> None:
     run.append_jsonl(run.metrics_path, {"round": 1, "train": {}, "evaluate": {}, "comm": {}})
     with pytest.raises(ValueError, match="udec run, not a CollaFuse one"):
         sweep_row(run.path)
+
+
+def test_the_plot_draws_the_clients_shares_against_the_line_share_equals_c(tmp_path: Path,
+                                                                            drawn: dict[str, Figure]) -> None:
+    runs = [_run(tmp_path, 0.0, 100.0, 0.2), _run(tmp_path, 0.5, 200.0, 0.05)]
+    write_tradeoff(runs, tmp_path / "out")
+    shares = {line.get_label(): line.get_xydata().tolist() for line in drawn["tradeoff.png"].axes[2].get_lines()}
+    assert shares["client share = c"] == [[0.0, 0.0], [1.0, 1.0]]
+    assert shares["client share of training samples"] == [[0.0, 0.0], [0.5, 0.5]]
+    assert shares["client share of training time"] == [[0.0, 0.0], [0.5, 0.75]]  # 3 s a client sample, 1 a server one
+    assert shares["client share of sampling steps"] == [[0.0, 0.0], [0.5, 0.5]]

@@ -35,7 +35,9 @@ def _legend_beside(ax: plt.Axes, fontsize: int = 8) -> None:
     ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """The one writer of the report's figures (``fedapp tradeoff``'s too): trimmed to what is drawn."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -62,7 +64,7 @@ def plot_metric(runs: Sequence[Run], metric: Metric, path: Path) -> Path | None:
     _round_axis(ax)
     ax.grid(alpha=0.3)
     _legend_beside(ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_comm(runs: Sequence[Run], path: Path) -> Path | None:
@@ -81,7 +83,7 @@ def plot_comm(runs: Sequence[Run], path: Path) -> Path | None:
     _round_axis(ax)
     ax.grid(alpha=0.3)
     _legend_beside(ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_samples(grids: Sequence[tuple[Run, Path, int]], path: Path) -> Path | None:
@@ -99,7 +101,7 @@ def plot_samples(grids: Sequence[tuple[Run, Path, int]], path: Path) -> Path | N
         ax.imshow(image, interpolation="nearest", **gray)
         where = "all data" if run.is_baseline else run.partitioner
         ax.set_title(f"{run.method} · {where}\n{run.name}, round {rnd}", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ratios(rows: Sequence[tuple[str, Sequence[SeedRatio], float | None]], path: Path) -> Path | None:
@@ -138,7 +140,7 @@ def plot_ratios(rows: Sequence[tuple[str, Sequence[SeedRatio], float | None]], p
     ax.set_xlabel("FD-CNN over the centralized baseline's at the same seed (lower is better)")
     ax.grid(axis="x", alpha=0.3)
     _legend_beside(ax, fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _round_axis(ax: plt.Axes) -> None:
@@ -168,4 +170,4 @@ def plot_cumulative_comm(curves: Mapping[str, Sequence[float]], path: Path, titl
     ax.grid(alpha=0.3)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedapp.config import parse_config
+from fedapp.report import figures
 from fedapp.report.figures import plt
 from fedapp.report.runs import load_run
 
@@ -140,10 +141,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     right.legend(lines, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # off the data
     fig.suptitle("CollaFuse trade-off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return figures.save_figure(fig, path)
 
 
 def write_tradeoff(runs: Sequence[Path], out: Path) -> Path:
