@@ -156,7 +156,8 @@ def write_tradeoff(runs: Sequence[Path], out: Path) -> Path:
         "Disclosure: the last round's uploads (x_t, the x0 solved from x_t and the target, the server",
         "denoiser's x0), against the client's real images. Shares: client / (client + server), all rounds;",
         "train samples counts the (x_t, t) pairs each side's model trained on (its compute, if a step",
-        "cost the same per sample), train time the seconds each side spent training.", "",
+        "cost the same per sample), train time the wall seconds each side spent training (longer for",
+        "ClientApps that share their cores with each other than for a server alone on them).", "",
         table(rows), "", f"![trade-off]({figure.name})", "",
     ])
     (out / "tradeoff.md").write_text(text)
