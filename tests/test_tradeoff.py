@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from matplotlib.figure import Figure
 
 from fedapp.config import parse_config
