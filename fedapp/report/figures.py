@@ -169,5 +169,4 @@ def plot_cumulative_comm(curves: Mapping[str, Sequence[float]], path: Path, titl
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, path)
