@@ -13,6 +13,8 @@
 #     (STUDY_DOCS overrides the folder), small enough to commit, and with STUDY_COMMIT=1 committed in the
 #     repository that holds that folder (so the study can run from a worktree pinned to one commit);
 #   - after the last run, one `fedapp report` over everything that finished.
+# Round checkpoints live only in OUT_DIR and are not committed, so a run resumes only on the machine that
+# holds them: on machines that are new each session, start a run only where it can finish (1-1.5 h each).
 set -euo pipefail
 out=$(realpath -m "${1:?usage: $0 OUT_DIR [SEED...]}")
 shift
